@@ -1,0 +1,607 @@
+"""The dg-edit engine: DiffusionGemma block diffusion with masked-span conditioning.
+
+Algorithm, numbered as in `generation_diffusion_gemma.py` so the two read side by side:
+
+1. Block loop (one canvas per block; infill requests usually need one):
+   a. Encode the prefix with the encoder into a KV cache (reusing the document's `PrefixCache`).
+   b. Lay out the canvas: middle slots, then the clamped suffix head on the last block; several
+      candidate middle lengths as one batch when the middle length is unknown.
+   c. For each denoising step (steps_remaining = N..1):
+      i.   decoder forward over the canvas with self-conditioning on the previous step's logits;
+      ii.  temperature-scale, sample the denoiser canvas, take the argmax canvas;
+      iii. entropy-bound acceptance, renoise what was not accepted (clamped positions untouched);
+      iv.  stable-and-confident stopping per row;
+      v.   the processed logits become next step's self-conditioning.
+   d. Pick the candidate row by the model's own evidence, cut the middle at EOS/pad.
+   e. Stop at EOS or at the token budget; otherwise encode the block and go on.
+
+With an empty suffix and one row this calls the same random functions in the same order as the
+reference, so `infill_ids` equals `model.generate` token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import sampler
+from .canvas import Layout, candidate_lengths, infill_layout, middle_end
+from .config import SamplingConfig, Settings
+from .events import Done, Step, Token
+from .prefix_cache import PrefixCache, encode_prefix
+
+DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
+_MAX_SESSIONS = 8
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default model is installed (package data of `dg_edit.model`)."""
+    return Path(str(resources.files("dg_edit.model"))) / "default"
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Raise a clear `FileNotFoundError` unless `path` looks like a loadable model directory."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model directory not found: {p}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"model path is not a directory: {p}")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json")
+    if missing:
+        raise FileNotFoundError(f"model directory {p} is missing {', '.join(missing)}")
+    return p
+
+
+@dataclass
+class _Request:
+    """Everything one request needs, already tokenized and windowed."""
+
+    prefix_ids: list[int]
+    suffix_head: list[int]
+    max_new_tokens: int
+    cfg: SamplingConfig
+    generator: torch.Generator | None
+    session: str | None
+    single_line: bool = False
+    # rewrite only: the starting middle and how strongly to renoise it
+    init_middle: list[int] | None = None
+    strength: float = 1.0
+
+
+@dataclass
+class _BlockResult:
+    ids: list[int]  # middle tokens of the chosen row, cut at EOS/pad
+    ended: bool  # EOS/pad inside the slots ended the middle
+    steps: int  # decoder forward passes for the chosen row
+    row: int
+    scores: tuple[float, ...]
+
+
+class Engine:
+    """Runs a `DiffusionGemmaForBlockDiffusion` for editor requests; owns its caches and lock."""
+
+    def __init__(self, model, tokenizer=None, *, sampling: SamplingConfig | None = None,
+                 settings: Settings | None = None, name: str = "in-memory"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings or Settings()
+        self.name = name
+        text_config = model.config.get_text_config()
+        self.vocab_size = text_config.vocab_size
+        gen = getattr(model, "generation_config", None)
+        base = sampling if sampling is not None else _sampling_from_generation_config(model)
+        self.sampling = base.replace(**dict(self.settings.sampling))
+        self.canvas_length = int(model.config.canvas_length)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
+        self.pad_id: int | None = pad
+        self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        self._lock = threading.RLock()
+        self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
+        self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
+        self.last_prefix_len = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
+             settings: Settings | None = None) -> "Engine":
+        """Load a local Hugging Face directory (or the embedded default model when `model` is None)."""
+        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+        settings = settings or Settings()
+        if model is None and settings.model:
+            model = settings.model
+        if model is None or model == "":
+            path = default_model_dir()
+            if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+                raise FileNotFoundError(
+                    f"no embedded default model is installed at {path}; pass --model DIR with a local "
+                    "DiffusionGemma directory (config.json, *.safetensors, tokenizer.json)"
+                )
+        path = check_model_dir(model if model not in (None, "") else default_model_dir())
+        torch_dtype = _parse_dtype(dtype) or torch.float32
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            net = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot load model from {path}: {e}") from None
+        net.to(device)
+        overrides: dict[str, Any] = {}
+        extra = path / DG_EDIT_JSON
+        if extra.is_file():
+            data = json.loads(extra.read_text(encoding="utf-8"))
+            data.pop("canvas_length", None)
+            overrides = data
+        sampling = _sampling_from_generation_config(net).replace(**overrides)
+        return cls(net, tokenizer, sampling=sampling, settings=settings, name=str(path))
+
+    def info(self) -> dict[str, Any]:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "model": self.name,
+            "parameters": n_params,
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "canvas_length": self.canvas_length,
+            "vocab_size": self.vocab_size,
+            "sampling": {f.name: getattr(self.sampling, f.name) for f in fields(SamplingConfig)},
+        }
+
+    # ------------------------------------------------------------------ public API
+    def infill(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
+               session: str | None = None, single_line: bool | None = None, **sampling) -> Done:
+        """Fill the middle between `prefix` and `suffix`; `Done.text` is the middle only."""
+        return _last(self.stream(prefix, suffix, max_new_tokens=max_new_tokens, seed=seed, session=session,
+                                 single_line=single_line, _with_steps=False, **sampling))
+
+    def infill_ids(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int] = (), *,
+                   max_new_tokens: int | None = None, seed: int | None = None, session: str | None = None,
+                   **sampling) -> Done:
+        """Token-level infill; with empty `suffix_ids` this is `model.generate` (same seed, same tokens)."""
+        request = self._request_from_ids(list(prefix_ids), list(suffix_ids), max_new_tokens, seed, session, sampling)
+        return _last(self._run(request, with_steps=False))
+
+    def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
+               session: str | None = None, single_line: bool | None = None, _with_steps: bool = True,
+               **sampling) -> Iterator[Step | Done]:
+        """Yield one `Step` per denoising step, then a `Done` equal to `infill`'s result.
+
+        Stop iterating (or `close()` the generator) to cancel: no further step runs.
+        """
+        request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling)
+        return self._run(request, with_steps=_with_steps)
+
+    def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
+                strength: float = 0.6, seed: int | None = None, session: str | None = None, **sampling) -> Done:
+        """Re-denoise `selection` in place; strength 0 returns it unchanged."""
+        return _last(self.stream_rewrite(prefix, selection, suffix, instruction=instruction, strength=strength,
+                                         seed=seed, session=session, _with_steps=False, **sampling))
+
+    def stream_rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
+                       strength: float = 0.6, seed: int | None = None, session: str | None = None,
+                       _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
+        """`rewrite` as a stream of `Step` events and a final `Done`.
+
+        The result is at most `rewrite_bound(len(selection tokens))` tokens long.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        for name, value in (("prefix", prefix), ("selection", selection), ("suffix", suffix)):
+            _check_text(name, value)
+        if instruction is not None:
+            _check_text("instruction", instruction)
+        tok = self._need_tokenizer()
+        sel_ids = tok.encode(selection, add_special_tokens=False) if selection else []
+        if strength == 0.0 or not sel_ids:
+            return iter([Done(text=selection, ids=tuple(sel_ids), steps=0, tokens_per_forward=0.0, ms=0.0,
+                              length=len(sel_ids))])
+        context = prefix
+        request = self._request_from_text(context, suffix, rewrite_bound(len(sel_ids)), seed, session, False,
+                                          sampling, instruction=instruction)
+        request.init_middle = sel_ids
+        request.strength = float(strength)
+        return self._run(request, with_steps=_with_steps)
+
+    def forget(self, session: str) -> None:
+        """Drop a document's prefix cache (the editor closed it)."""
+        with self._lock:
+            self._sessions.pop(session, None)
+
+    # ------------------------------------------------------------------ request preparation
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; use infill_ids with token ids")
+        return self.tokenizer
+
+    def _resolve(self, max_new_tokens: int | None, seed: int | None, sampling: dict) -> tuple[int, SamplingConfig,
+                                                                                              torch.Generator | None]:
+        unknown = sorted(set(sampling) - {f.name for f in fields(SamplingConfig)})
+        if unknown:
+            raise ValueError(f"unknown sampling option(s): {', '.join(unknown)}; accepted: "
+                             f"{', '.join(f.name for f in fields(SamplingConfig))}")
+        cfg = self.sampling.replace(**sampling)
+        if max_new_tokens is None:
+            max_new_tokens = self.settings.max_new_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        generator = None
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        return max_new_tokens, cfg, generator
+
+    def _request_from_ids(self, prefix_ids, suffix_ids, max_new_tokens, seed, session, sampling) -> _Request:
+        for name, ids in (("prefix_ids", prefix_ids), ("suffix_ids", suffix_ids)):
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"{name} must be token ids in [0, {self.vocab_size})")
+        if not prefix_ids:
+            raise ValueError("prefix_ids is empty: the encoder needs at least one token (e.g. BOS)")
+        max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
+        prefix_ids = self._window_prefix(prefix_ids)
+        head = list(suffix_ids)[: self.settings.suffix_head_tokens]
+        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session)
+
+    def _request_from_text(self, prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
+                           instruction: str | None = None) -> _Request:
+        _check_text("prefix", prefix)
+        _check_text("suffix", suffix)
+        if not prefix and not suffix and not instruction:
+            raise ValueError("prefix and suffix are both empty: nothing to condition the infill on")
+        tok = self._need_tokenizer()
+        max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
+        budget = self.settings.max_prefix_tokens
+        # Bound tokenizer work on huge files: at most ~16 chars per token, start snapped to a fixed grid so
+        # that typing at the end keeps the same window start (and the prefix cache stays valid).
+        cap = budget * 16
+        start = 0
+        if len(prefix) > cap:
+            grid = max(cap // 4, 1)
+            start = ((len(prefix) - cap) // grid + 1) * grid
+        prefix_ids = tok.encode(prefix[start:], add_special_tokens=False)
+        prefix_ids = self._window_prefix(prefix_ids)
+        if start == 0 and len(prefix_ids) < budget and self.bos_id is not None:
+            prefix_ids = [self.bos_id] + prefix_ids
+        if instruction:
+            prefix_ids = self._instruction_ids(instruction) + prefix_ids
+        if not prefix_ids:
+            raise ValueError("the prefix is empty and the tokenizer has no BOS token to start from")
+        head_chars = max(self.settings.suffix_head_tokens, 1) * 16
+        suffix_ids = tok.encode(suffix[:head_chars], add_special_tokens=False) if suffix else []
+        head = suffix_ids[: self.settings.suffix_head_tokens]
+        if single_line is None:
+            current_line = prefix.rsplit("\n", 1)[-1]
+            single_line = bool(current_line.strip())
+        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line)
+
+    def _window_prefix(self, ids: list[int]) -> list[int]:
+        """Cut on the left in chunks of a quarter window, so the cut point moves rarely (prefix-cache friendly)."""
+        budget = self.settings.max_prefix_tokens
+        if len(ids) <= budget:
+            return ids
+        chunk = max(budget // 4, 1)
+        drop = math.ceil((len(ids) - budget) / chunk) * chunk
+        return ids[drop:]
+
+    def _instruction_ids(self, instruction: str) -> list[int]:
+        tok = self.tokenizer
+        template = getattr(tok, "chat_template", None)
+        if template:
+            text = tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                           add_generation_prompt=False)
+            return tok.encode(text, add_special_tokens=False)
+        vocab = tok.get_vocab()
+        body = tok.encode(instruction, add_special_tokens=False)
+        if "<instruction>" in vocab and "</instruction>" in vocab:
+            return [vocab["<instruction>"], *body, vocab["</instruction>"]]
+        comment = tok.encode(f"# {instruction}\n", add_special_tokens=False)
+        return comment
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
+        t0 = time.perf_counter()
+        model = self.model
+        cfg = request.cfg
+        stop_ids = set(self.eos_ids)  # as the reference: EOS ends the output, pad only follows it
+        # 1.a Encode the prefix (reusing this document's cache).
+        with self._lock, torch.inference_mode():
+            entry = self._sessions.get(request.session) if request.session is not None else None
+            cache, entry, n_encoded = encode_prefix(model, request.prefix_ids, entry)
+            if request.session is not None:
+                self._sessions[request.session] = entry
+                self._sessions.move_to_end(request.session)
+                while len(self._sessions) > _MAX_SESSIONS:
+                    self._sessions.popitem(last=False)
+            self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
+        cur_len = len(request.prefix_ids)
+        middle: list[int] = []
+        steps_total = 0
+        ended = False
+        chosen_len = 0
+        scores: tuple[float, ...] = ()
+        step_index = 0
+        while len(middle) < request.max_new_tokens and not ended:
+            remaining = request.max_new_tokens - len(middle)
+            s = len(request.suffix_head)
+            if request.init_middle is not None:
+                slots, final = [remaining], True
+            elif s and remaining + s <= max(self.canvas_length, 8 + s):
+                slots, final = candidate_lengths(remaining), True  # unknown middle length: candidates
+            elif s:
+                slots, final = [self.canvas_length], False  # long middle: plain blocks first
+            else:
+                slots, final = [self.canvas_length], remaining <= self.canvas_length
+            head = request.suffix_head if final else []
+            layout = infill_layout(cur_len, slots, head, self.pad_id if self.pad_id is not None else 0, model.device)
+            # 1.b–c Denoise this block.
+            block = yield from self._denoise_block(cache, layout, request, stop_ids, middle, with_steps,
+                                                   step_index, t0)
+            step_index += block.steps
+            steps_total += block.steps
+            chosen_len = layout.slot_lengths[block.row]
+            scores = block.scores
+            # 1.d Append the middle; 1.e stop at EOS or budget.
+            take = block.ids[: remaining]
+            middle.extend(take)
+            ended = block.ended or final
+            if not ended and len(middle) < request.max_new_tokens:
+                # 1.f Encode this block so the next canvas continues after it.
+                with self._lock, torch.inference_mode():
+                    cache = _extend_cache(model, cache, take, cur_len)
+                cur_len += len(take)
+        text_ids = middle
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+            if request.single_line and "\n" in text:
+                text = text.split("\n", 1)[0]
+                text_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ms = (time.perf_counter() - t0) * 1000.0
+        n_tokens = len(middle) + (1 if ended and len(middle) < request.max_new_tokens else 0)
+        yield Done(text=text, ids=tuple(text_ids), steps=steps_total,
+                   tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
+                   scores=scores)
+
+    def _denoise_block(self, cache, layout: Layout, request: _Request, stop_ids: set[int], middle_so_far: list[int],
+                       with_steps: bool, step_offset: int, t0: float):
+        """Steps 1.b–1.d for one canvas. Yields `Step`s; returns a `_BlockResult`."""
+        model = self.model
+        cfg = request.cfg
+        generator = request.generator
+        device = model.device
+        b, width = layout.clamped.shape
+        fixed = layout.any_fixed
+        candidates = layout.candidates if fixed else None
+        keep = (layout.clamped | ~layout.valid) if fixed else None
+        batch_cache = cache
+        if b > 1:
+            batch_cache.batch_repeat_interleave(b)  # the final block is this cache's last use
+        with self._lock:
+            mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config,
+                inputs_embeds=torch.empty((b, width, 1), device=device),
+                past_key_values=batch_cache,
+                decoder_attention_mask=layout.attention_mask,
+            )
+        # 1.b Prepare the canvas.
+        steps_remaining_start = cfg.max_denoising_steps
+        if request.init_middle is not None:
+            current_canvas = self._rewrite_start(batch_cache, layout, request, mask_mapping)
+            steps_remaining_start = max(1, round(request.strength * cfg.max_denoising_steps))
+        else:
+            current_canvas = sampler.initial_canvas(b, width, self.vocab_size, cfg, generator, device)
+        if fixed:
+            current_canvas = torch.where(layout.clamped, layout.clamped_ids, current_canvas)
+        argmax_canvas = current_canvas
+        self_conditioning_logits = None
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        forward_passes = torch.zeros(b, dtype=torch.long, device=device)
+        history = None
+        embeddings_dtype = model.model.decoder.embed_tokens.weight.dtype
+        # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
+        for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
+            forward_passes += ~finished
+            with self._lock, torch.inference_mode():
+                # 1.c.i Decoder forward with self-conditioning.
+                out = model(
+                    decoder_input_ids=current_canvas,
+                    self_conditioning_logits=self_conditioning_logits,
+                    decoder_attention_mask=mask_mapping,
+                    past_key_values=batch_cache,
+                    decoder_position_ids=layout.position_ids[:1] if not fixed else layout.position_ids,
+                )
+                raw_logits = out.logits  # [B, L, V]
+                # 1.c.ii Temperature, denoiser sample, argmax draft.
+                processed_logits = sampler.temperature_scale(raw_logits, steps_remaining, cfg)
+                denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator)
+                new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
+                # 1.c.iii Accept by entropy bound, renoise the rest.
+                accepted_canvas, accepted = sampler.entropy_bound_accept(
+                    current_canvas, denoiser_canvas, processed_logits, cfg.entropy_bound, candidates)
+                new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
+                if fixed:
+                    new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
+                # 1.c.iv Stopping per row; finished rows keep their last state.
+                if finished.any():
+                    new_argmax_canvas = torch.where(finished[:, None], argmax_canvas, new_argmax_canvas)
+                    new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
+                    processed_logits = torch.where(finished[:, None, None], self_conditioning_logits,
+                                                   processed_logits)
+                stop, history = sampler.stable_and_confident(
+                    history, new_argmax_canvas, processed_logits, cfg, layout.candidates if fixed else None)
+                finished = finished | stop
+                # 1.c.v Self-conditioning for the next step.
+                self_conditioning_logits = processed_logits.to(embeddings_dtype)
+                current_canvas, argmax_canvas = new_current_canvas, new_argmax_canvas
+            if with_steps:
+                step_no = step_offset + int(forward_passes.max())
+                yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
+                                       middle_so_far, step_no, step_offset + steps_remaining_start, t0, request)
+            if torch.all(finished):
+                break
+        # 1.d Choose the row.
+        row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids)
+        row_ids = argmax_canvas[row, : layout.slot_lengths[row]].tolist()
+        end, ended = middle_end(row_ids, stop_ids)
+        return _BlockResult(ids=row_ids[:end], ended=ended, steps=int(forward_passes[row]), row=row,
+                            scores=tuple(scores))
+
+    def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids) -> tuple[int, list[float]]:
+        """Score each candidate: mean log-probability of its middle (through EOS) and of the clamped suffix head."""
+        b = argmax_canvas.shape[0]
+        if b == 1:
+            return 0, [0.0]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
+        ids = torch.where(layout.clamped, layout.clamped_ids, argmax_canvas)
+        token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+        rows = argmax_canvas.tolist()
+        scores = []
+        for r in range(b):
+            m = layout.slot_lengths[r]
+            end, ended = middle_end(rows[r][:m], stop_ids)
+            upto = min(m, end + 1)
+            mid = token_logp[r, :upto].mean() if upto > 0 else torch.tensor(0.0)
+            clamp_mask = layout.clamped[r]
+            head = token_logp[r][clamp_mask].mean() if bool(clamp_mask.any()) else torch.tensor(0.0)
+            scores.append(float(mid + head))
+        best = max(range(b), key=lambda r: scores[r])
+        return best, scores
+
+    def _rewrite_start(self, batch_cache, layout: Layout, request: _Request, mask_mapping) -> torch.Tensor:
+        """Starting canvas for a rewrite: the selection, then EOS and pad, with the least sure `strength` renoised."""
+        model = self.model
+        cfg = request.cfg
+        device = model.device
+        width = layout.width
+        slots = layout.slot_lengths[0]
+        eos = min(self.eos_ids) if self.eos_ids else (self.pad_id or 0)
+        pad = self.pad_id if self.pad_id is not None else eos
+        start = list(request.init_middle[:slots])
+        if len(start) < slots:
+            start = start + [eos] + [pad] * (slots - len(start) - 1)
+        canvas = torch.tensor([start + [0] * (width - slots)], dtype=torch.long, device=device)
+        canvas = torch.where(layout.clamped, layout.clamped_ids, canvas)
+        n_sel = min(len(request.init_middle), slots)
+        k = max(1, math.ceil(request.strength * n_sel))
+        with self._lock, torch.inference_mode():
+            out = model(decoder_input_ids=canvas, decoder_attention_mask=mask_mapping, past_key_values=batch_cache,
+                        decoder_position_ids=layout.position_ids)
+            logp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, canvas.unsqueeze(-1)).squeeze(-1)
+        # Least sure selection tokens first; the slack after the selection is always open to change.
+        sure = logp[0, :n_sel]
+        order = torch.argsort(sure)[:k]
+        renoise_mask = torch.zeros((1, width), dtype=torch.bool, device=device)
+        renoise_mask[0, order] = True
+        renoise_mask[0, n_sel:slots] = True
+        noise = sampler.initial_canvas(1, width, self.vocab_size, cfg, request.generator, device)
+        return torch.where(renoise_mask, noise, canvas)
+
+    def _step_event(self, layout: Layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids, middle_so_far,
+                    index: int, total: int, t0: float, request: _Request) -> Step:
+        """A `Step` for people: the best-looking row's draft, each token with its state and confidence."""
+        if argmax_canvas.shape[0] > 1:
+            row, _ = self._choose_row(layout, argmax_canvas, processed_logits, stop_ids)
+        else:
+            row = 0
+        m = layout.slot_lengths[row]
+        row_ids = argmax_canvas[row, :m].tolist()
+        end, _ = middle_end(row_ids, stop_ids)
+        logits = processed_logits[row, :end].float()
+        confidence = torch.softmax(logits, dim=-1).max(dim=-1).values.tolist() if end else []
+        acc = accepted[row, :end].tolist()
+        tokens: tuple[Token, ...] = ()
+        text = ""
+        if self.tokenizer is not None:
+            tokens = tuple(
+                Token(text=self.tokenizer.decode([t]), accepted=bool(a), confidence=float(c))
+                for t, a, c in zip(row_ids[:end], acc, confidence)
+            )
+            text = self.tokenizer.decode(middle_so_far + row_ids[:end], skip_special_tokens=True)
+            if request.single_line and "\n" in text:
+                text = text.split("\n", 1)[0]
+        canvas = current_canvas[row][layout.valid[row]].tolist()
+        return Step(index=index, total=total, text=text, tokens=tokens, ids=tuple(row_ids[:end]),
+                    ms=(time.perf_counter() - t0) * 1000.0, canvas=tuple(canvas))
+
+
+def rewrite_bound(n_selection_tokens: int) -> int:
+    """Longest rewrite result, in tokens: the selection plus a quarter, at least 4 more."""
+    return n_selection_tokens + max(4, n_selection_tokens // 4)
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text (str), got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid UTF-8 text ({e.reason} at position {e.start})") from None
+
+
+def _last(events: Iterator[Step | Done]) -> Done:
+    result = None
+    for result in events:
+        pass
+    assert isinstance(result, Done)
+    return result
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _sampling_from_generation_config(model) -> SamplingConfig:
+    gen = getattr(model, "generation_config", None)
+    values: dict[str, Any] = {}
+    for name in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
+        v = getattr(gen, name, None) if gen is not None else None
+        if v is not None:
+            values[name] = v
+    sc = getattr(gen, "sampler_config", None) if gen is not None else None
+    if sc is not None:
+        values["entropy_bound"] = sc["entropy_bound"] if isinstance(sc, dict) else sc.entropy_bound
+    return SamplingConfig().replace(**values)
+
+
+def _extend_cache(model, cache, ids: list[int], cur_len: int):
+    """Encode a finished block after the prefix (1.f), as the reference does before the next canvas."""
+    device = model.device
+    n = len(ids)
+    if n == 0:
+        return cache
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    position_ids = torch.arange(cur_len, cur_len + n, dtype=torch.int32, device=device).unsqueeze(0)
+    attention_mask = torch.ones((1, cur_len + n), dtype=torch.bool, device=device)
+    dummy = torch.empty((1, n, 0), dtype=model.dtype, device=device)
+    masks = model.model.encoder.create_masks_for_generate(
+        config=model.config, inputs_embeds=dummy, attention_mask=attention_mask, past_key_values=cache,
+        position_ids=position_ids)
+    model.model.encoder(input_ids=input_ids, attention_mask=masks, past_key_values=cache, position_ids=position_ids)
+    return cache

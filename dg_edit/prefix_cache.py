@@ -1,0 +1,105 @@
+"""Encoder KV cache reuse across editor requests.
+
+Consecutive requests in one document share almost all of their prefix. `PrefixCache` keeps the
+full key/value states of the last prefix for every layer (sliding-window layers included, which a
+`DynamicCache` would trim), so a new request encodes only the tokens after the longest common
+prefix, then gets a fresh `DynamicCache` in exactly the state the reference `generate` would have
+after encoding the whole prefix in one go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class PrefixCache:
+    """Full K/V of one document's prefix.  keys[i], values[i]: [1, H, T, D] for layer i."""
+
+    ids: list[int] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def cache_from_states(text_config, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> DynamicCache:
+    """A `DynamicCache` holding the first `length` positions of the given full states.
+
+    Sliding-window layers keep only their last `sliding_window - 1` states, as after a plain
+    encoder pass, and record the past so that the next encoder call returns all new states.
+    """
+    cache = DynamicCache(config=text_config)
+    for i, layer in enumerate(cache.layers):
+        if length > 0:
+            k = keys[i][..., :length, :]
+            v = values[i][..., :length, :]
+            layer.lazy_initialization(k, v)
+            if layer.is_sliding:
+                layer.keys = k[..., -layer.sliding_window + 1 :, :]
+                layer.values = v[..., -layer.sliding_window + 1 :, :]
+                layer.cumulative_length = length
+            else:
+                layer.keys, layer.values = k, v
+    return cache
+
+
+def encode_prefix(
+    model, prefix_ids: list[int], entry: PrefixCache | None
+) -> tuple[DynamicCache, PrefixCache, int]:
+    """Encode `prefix_ids`, reusing `entry` up to the longest common prefix.
+
+    Returns `(cache, new_entry, n_encoded)`: a `DynamicCache` for the decoder (batch 1), the entry to
+    keep for the next request, and how many tokens went through the encoder this time.
+    """
+    text_config = model.config.get_text_config(decoder=True)
+    device = model.device
+    reuse = 0 if entry is None else common_prefix_length(entry.ids, prefix_ids)
+    if entry is not None and reuse == len(prefix_ids) and reuse > 0:
+        # Identical prefix: nothing to encode. Keep the entry as it is (it may hold a longer prefix).
+        return cache_from_states(text_config, entry.keys, entry.values, reuse), entry, 0
+    cache = cache_from_states(text_config, entry.keys if entry else [], entry.values if entry else [], reuse)
+    new_ids = prefix_ids[reuse:]
+    n_new = len(new_ids)
+    cache.activate_past_recording()  # sliding layers keep the new states until `crop(0)` below
+    input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)  # [1, n_new]
+    position_ids = torch.arange(reuse, reuse + n_new, dtype=torch.int32, device=device).unsqueeze(0)
+    attention_mask = torch.ones((1, reuse + n_new), dtype=torch.bool, device=device)
+    dummy_embeds = torch.empty((1, n_new, 0), dtype=model.dtype, device=device)
+    mask_mapping = model.model.encoder.create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=dummy_embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+    model.model.encoder(
+        input_ids=input_ids, attention_mask=mask_mapping, past_key_values=cache, position_ids=position_ids
+    )
+    keys, values = [], []
+    for i, layer in enumerate(cache.layers):
+        new_k = layer.keys[..., -n_new:, :]
+        new_v = layer.values[..., -n_new:, :]
+        if reuse > 0:
+            keys.append(torch.cat([entry.keys[i][..., :reuse, :], new_k], dim=-2))
+            values.append(torch.cat([entry.values[i][..., :reuse, :], new_v], dim=-2))
+        else:
+            keys.append(new_k.clone())
+            values.append(new_v.clone())
+    cache.crop(0)  # sliding layers back to their window, as after a plain encoder pass
+    for layer in cache.layers:
+        if layer.is_sliding:
+            layer.record_past = False
+    return cache, PrefixCache(ids=list(prefix_ids), keys=keys, values=values), n_new

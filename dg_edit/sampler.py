@@ -1,0 +1,124 @@
+"""DiffusionGemma's sampler as plain functions over tensors.
+
+Mirrors `transformers/models/diffusion_gemma/generation_diffusion_gemma.py` step 1.c (ii–iv) with the
+same random calls in the same order, so that an unclamped single-row canvas reproduces
+`model.generate` token for token. Two additions for editing, both no-ops when unused:
+- `clamped` positions (the suffix head) are never accepted from the denoiser, never renoised and
+  never count towards the entropy budget;
+- `valid` is False at batch padding (candidate canvases of different lengths share one batch).
+
+Vocabulary: `current_canvas` is what the decoder reads this step; `denoiser_canvas` is sampled from
+its logits; `accepted` marks positions taken from the denoiser; `argmax_canvas` is the draft shown to
+people and, at the end, the result. Step counters run DOWN: `steps_remaining` is N at the first
+step and 1 at the last, as `cur_step` in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamplingConfig
+
+
+def initial_canvas(
+    batch_size: int, length: int, vocab_size: int, cfg: SamplingConfig, generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """x_T: uniform over the vocabulary (the reference's `initialize_canvas`) or all `<mask>`.  # [B, L]"""
+    if cfg.noise == "mask":
+        return torch.full((batch_size, length), cfg.mask_token_id, dtype=torch.long, device=device)
+    return torch.randint(0, vocab_size, (batch_size, length), device=device, generator=generator)
+
+
+def temperature_scale(logits: torch.Tensor, steps_remaining: int, cfg: SamplingConfig) -> torch.Tensor:
+    """Linear schedule t_max (first step) → t_min (last step).  logits: [B, L, V]"""
+    temperature = cfg.t_min + ((cfg.t_max - cfg.t_min) * (steps_remaining / cfg.max_denoising_steps))
+    return logits / temperature
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's categorical, computed exactly as the reference.  [B, L, V] -> [B, L]"""
+    return torch.distributions.Categorical(logits=logits, validate_args=False).entropy()
+
+
+def sample_denoiser_canvas(processed_logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One multinomial draw per position.  [B, L, V] -> [B, L]"""
+    batch_size, length, vocab_size = processed_logits.shape
+    probs = torch.softmax(processed_logits, dim=-1, dtype=torch.float32)
+    drawn = torch.multinomial(probs.view(-1, vocab_size), num_samples=1, generator=generator)
+    return drawn.squeeze(-1).view(batch_size, length)
+
+
+def entropy_bound_accept(
+    current_canvas: torch.Tensor,  # [B, L]
+    denoiser_canvas: torch.Tensor,  # [B, L]
+    processed_logits: torch.Tensor,  # [B, L, V]
+    entropy_bound: float,
+    candidates: torch.Tensor | None = None,  # [B, L] bool: positions the sampler may accept (not clamped, not pad)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept the lowest-entropy tokens while sum(H) - max(H) <= entropy_bound.
+
+    Returns `(accepted_canvas, accepted)`: the canvas with accepted positions taken from the denoiser,
+    and the boolean mask of those positions.  [B, L], [B, L]
+    """
+    entropy = token_entropy(processed_logits)
+    if candidates is not None:
+        entropy = entropy.masked_fill(~candidates, float("inf"))  # sorts last, never accepted (inf - inf = nan)
+    sorted_entropy, sorted_indices = torch.sort(entropy, dim=-1, descending=False)
+    cumulative_entropy = torch.cumsum(sorted_entropy, dim=-1)
+    sorted_selection = cumulative_entropy - sorted_entropy <= entropy_bound
+    accepted = torch.scatter(
+        input=torch.zeros_like(sorted_selection), dim=-1, index=sorted_indices, src=sorted_selection
+    )
+    if candidates is not None:
+        accepted = accepted & candidates
+    accepted_canvas = torch.where(accepted, denoiser_canvas, current_canvas)
+    return accepted_canvas, accepted
+
+
+def renoise(
+    accepted_canvas: torch.Tensor,  # [B, L]
+    accepted: torch.Tensor,  # [B, L]
+    vocab_size: int,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None,
+    keep: torch.Tensor | None = None,  # [B, L] bool: positions that are never renoised (clamped, pad)
+) -> torch.Tensor:
+    """x_{t-1}: every position not accepted this step goes back to noise.  [B, L]"""
+    renoise_mask = ~accepted
+    if keep is not None:
+        renoise_mask = renoise_mask & ~keep
+    noise_canvas = initial_canvas(
+        accepted_canvas.shape[0], accepted_canvas.shape[1], vocab_size, cfg, generator, accepted_canvas.device
+    )
+    return torch.where(renoise_mask, noise_canvas, accepted_canvas)
+
+
+def stable_and_confident(
+    history: torch.Tensor | None,  # [K, B, L] argmax canvases of the last K steps, or None at the first step
+    argmax_canvas: torch.Tensor,  # [B, L]
+    processed_logits: torch.Tensor,  # [B, L, V]
+    cfg: SamplingConfig,
+    valid: torch.Tensor | None = None,  # [B, L] bool: positions whose entropy counts
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stop when the argmax canvas is unchanged for `stability_threshold` steps and mean entropy is low.
+
+    Returns `(stop, history)`: [B] bool and the rolled history to pass back next step.
+    """
+    if cfg.stability_threshold == 0:
+        stable = torch.ones(argmax_canvas.shape[0], device=argmax_canvas.device, dtype=torch.bool)
+    else:
+        if history is None:
+            history = torch.full(
+                (cfg.stability_threshold, *argmax_canvas.shape), -1, dtype=argmax_canvas.dtype,
+                device=argmax_canvas.device,
+            )
+        stable = (history == argmax_canvas[None, :, :]).all(dim=-1).all(dim=0)
+        history = torch.roll(history, shifts=-1, dims=0)
+        history[-1] = argmax_canvas
+    entropy = token_entropy(processed_logits)
+    if valid is None:
+        mean_entropy = torch.mean(entropy, dim=-1)
+    else:
+        mean_entropy = (entropy * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    confident = mean_entropy < cfg.confidence_threshold
+    return stable & confident, history

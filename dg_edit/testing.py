@@ -1,0 +1,72 @@
+"""Tiny random DiffusionGemma models for tests and benchmarks (no download, seconds to build)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+# The default Gemma 4 vision tower alone is 151M parameters; this one is unused but required.
+TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=16)
+
+
+def tiny_config(canvas_length: int = 16, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2,
+                sliding_window: int = 32, **text) -> DiffusionGemmaConfig:
+    text_config = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       global_head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=hidden_size,
+                       sliding_window=sliding_window, max_position_embeddings=8192,
+                       layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+    text_config.update(text)
+    return DiffusionGemmaConfig(text_config=text_config, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> DiffusionGemmaForBlockDiffusion:
+    """A random model; `seed` fixes its weights."""
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion(tiny_config(**kwargs)).eval()
+
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<mask>", "<instruction>", "</instruction>"]
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained in memory on a little Python (ids 0..5 are the special tokens)."""
+    import inspect
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import dg_edit.config as corpus_module
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([inspect.getsource(corpus_module)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   mask_token="<mask>")
+
+
+def tiny_pair(seed: int = 0, vocab_size: int = 320, **kwargs):
+    """A tiny random model and a matching tokenizer, with pad/eos/bos wired into the generation config."""
+    tokenizer = tiny_tokenizer(vocab_size)
+    model = tiny_model(seed=seed, vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2, **kwargs)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+    model.generation_config.bos_token_id = 2
+    return model, tokenizer
+
+
+def save_tiny_model_dir(path, seed: int = 0, max_denoising_steps: int = 8, **kwargs):
+    """Write a loadable model directory (config, safetensors, tokenizer) for end-to-end tests."""
+    import json
+    from pathlib import Path
+
+    model, tokenizer = tiny_pair(seed=seed, **kwargs)
+    model.generation_config.max_denoising_steps = max_denoising_steps
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    (Path(path) / "dg_edit.json").write_text(json.dumps({"max_denoising_steps": max_denoising_steps}))
+    return Path(path)

@@ -1,0 +1,212 @@
+"""`dg-edit` command line: infill, info, eval, and the three front ends (lsp, serve, tui).
+
+Front ends live in their own modules and parse their own arguments; this file only dispatches, so
+`dg-edit lsp --help` is answered by the language server itself. Errors print one line on stderr and
+exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+# subcommand -> (module, help); each module has `main(argv) -> int`
+FRONT_ENDS = {
+    "lsp": ("dg_edit.lsp.server", "language server (stdio, or --tcp HOST:PORT)"),
+    "serve": ("dg_edit.service", "websocket service streaming the canvas to web editors"),
+    "tui": ("dg_edit.tui.app", "terminal editor that animates a live rewrite"),
+    "eval": ("dg_edit.model.eval", "evaluate a model (humaneval-infilling, exact)"),
+}
+
+
+class UsageError(Exception):
+    """A user mistake: reported on stderr with exit code 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype/--threads/--config: shared by every command that loads a model."""
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="local DiffusionGemma directory (default: the embedded model)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--config", metavar="FILE", default=None, help="JSON settings file (see dg_edit.config)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The `Settings` for a command: defaults, then --config FILE, then --model."""
+    from .config import Settings
+
+    settings = Settings.from_file(args.config) if getattr(args, "config", None) else Settings()
+    if getattr(args, "model", None):
+        settings = Settings.from_dict({"model": args.model}, base=settings)
+    return settings
+
+
+def load_engine(args: argparse.Namespace):
+    """Load the engine a command asked for; missing files and bad settings become `UsageError`s."""
+    import torch
+
+    from .engine import Engine
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        settings = settings_from_args(args)
+        return Engine.load(settings.model or None, device=args.device, dtype=args.dtype, settings=settings)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _parse_at(value: str) -> tuple[int, int]:
+    try:
+        line, col = value.split(":")
+        line_no, col_no = int(line), int(col)
+    except ValueError:
+        raise UsageError(f"--at must be LINE:COL (1-based), got {value!r}") from None
+    if line_no < 1 or col_no < 1:
+        raise UsageError(f"--at is 1-based: LINE and COL must be >= 1, got {value!r}")
+    return line_no, col_no
+
+
+def split_at(text: str, line_no: int, col_no: int) -> tuple[str, str]:
+    """Prefix and suffix of `text` around a 1-based LINE:COL cursor (COL counts characters)."""
+    lines = text.split("\n")
+    if line_no > len(lines):
+        raise UsageError(f"line {line_no} is past the end of the file ({len(lines)} lines)")
+    line = lines[line_no - 1]
+    if col_no > len(line) + 1:
+        raise UsageError(f"column {col_no} is past the end of line {line_no} ({len(line)} characters)")
+    offset = sum(len(l) + 1 for l in lines[: line_no - 1]) + col_no - 1
+    return text[:offset], text[offset:]
+
+
+def _read_text_file(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"file not found: {path}")
+    if p.is_dir():
+        raise UsageError(f"{path} is a directory, not a file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); dg-edit edits text files") from None
+
+
+_JSON_FIELDS = {"id", "prefix", "suffix", "max_new_tokens", "seed"}
+
+
+def infill_json_line(engine, line: str) -> dict[str, Any]:
+    """One `dg-edit infill --json` request line to one reply object (never raises for bad input)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {"id": None, "error": f"not JSON: {e.msg} at column {e.colno}"}
+    if not isinstance(request, dict):
+        return {"id": None, "error": "each line must be a JSON object"}
+    rid = request.get("id")
+    unknown = sorted(set(request) - _JSON_FIELDS)
+    if unknown:
+        return {"id": rid, "error": f"unknown field(s): {', '.join(unknown)}"}
+    if "prefix" not in request:
+        return {"id": rid, "error": "missing field: prefix"}
+    try:
+        r = engine.infill(request["prefix"], request.get("suffix", ""),
+                          max_new_tokens=request.get("max_new_tokens"), seed=request.get("seed"))
+    except ValueError as e:
+        return {"id": rid, "error": str(e)}
+    return {"id": rid, "text": r.text, "steps": r.steps, "tokens_per_forward": round(r.tokens_per_forward, 3),
+            "ms": round(r.ms, 1)}
+
+
+def cmd_infill(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    if args.json:
+        if args.file:
+            raise UsageError("give either FILE --at LINE:COL or --json (requests on stdin), not both")
+        engine = load_engine(args)
+        for line in stdin:
+            if not line.strip():
+                continue
+            stdout.write(json.dumps(infill_json_line(engine, line), ensure_ascii=False) + "\n")
+            stdout.flush()
+        return 0
+    if not args.file or not args.at:
+        raise UsageError("usage: dg-edit infill FILE --at LINE:COL  (or dg-edit infill --json < requests.jsonl)")
+    line_no, col_no = _parse_at(args.at)
+    text = _read_text_file(args.file)
+    prefix, suffix = split_at(text, line_no, col_no)
+    engine = load_engine(args)
+    try:
+        r = engine.infill(prefix, suffix, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.show:
+        stdout.write(prefix + "\x1b[32m" + r.text + "\x1b[0m" + suffix)
+    else:
+        stdout.write(r.text + ("\n" if not r.text.endswith("\n") else ""))
+    sys.stderr.write(f"[dg-edit] {r.steps} steps, {r.tokens_per_forward:.2f} tokens/forward, {r.ms:.0f} ms\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
+    engine = load_engine(args)
+    info = engine.info()
+    if args.json:
+        stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        for key, value in info.items():
+            stdout.write(f"{key:14} {value}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dg-edit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("infill", help="infill at a cursor in a file, or JSON lines from stdin")
+    p.add_argument("file", nargs="?", help="file to infill in")
+    p.add_argument("--at", metavar="LINE:COL", help="1-based cursor position")
+    p.add_argument("--json", action="store_true", help='read {"prefix","suffix"?,...} lines from stdin')
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--show", action="store_true", help="print the whole file with the infill highlighted")
+    add_model_arguments(p)
+    p = sub.add_parser("info", help="model, parameters, device, dtype, canvas length")
+    p.add_argument("--json", action="store_true")
+    add_model_arguments(p)
+    for name, (_, help_text) in FRONT_ENDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FRONT_ENDS:
+        module = importlib.import_module(FRONT_ENDS[argv[0]][0])
+        try:
+            return int(module.main(argv[1:]) or 0)
+        except UsageError as e:
+            print(f"dg-edit {argv[0]}: {e}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "infill":
+            return cmd_infill(args, sys.stdin, sys.stdout)
+        if args.command == "info":
+            return cmd_info(args, sys.stdout)
+        parser.print_help()
+        return 2
+    except UsageError as e:
+        print(f"dg-edit: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,6 +127,9 @@ class Engine:
              settings: Settings | None = None) -> "Engine":
         """Load a local Hugging Face directory (or the embedded default model when `model` is None)."""
         from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a CLI's stderr is for its own messages
 
         settings = settings or Settings()
         if model is None and settings.model:

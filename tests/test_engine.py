@@ -1,0 +1,222 @@
+"""The model core: parity with `model.generate`, masked-span conditioning, streaming, prefix cache, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dg_edit import Done, Engine, SamplingConfig, Step
+from dg_edit.testing import tiny_model, tiny_pair
+
+
+def reference_ids(model, prompt: torch.Tensor, max_new_tokens: int, seed: int, eos: int | None = None) -> list[int]:
+    """What `model.generate` returns after `torch.manual_seed(seed)`: the new tokens, cut at EOS."""
+    torch.manual_seed(seed)
+    out = model.generate(prompt, max_new_tokens=max_new_tokens)
+    new = out.sequences[0, prompt.shape[1]:prompt.shape[1] + max_new_tokens].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return new
+
+
+@pytest.mark.parametrize(
+    "canvas_length,prompt_len,max_new_tokens,seed",
+    [(16, 5, 16, 0), (16, 40, 48, 1), (8, 3, 20, 2), (32, 70, 32, 3), (16, 100, 40, 4)],
+)
+def test_parity_with_generate(canvas_length, prompt_len, max_new_tokens, seed):
+    """Empty suffix + same seed: token for token what DiffusionGemma's own generate returns.
+
+    Prompts longer than the sliding window (32) and outputs spanning several canvases are included.
+    """
+    model = tiny_model(seed=seed, canvas_length=canvas_length, sliding_window=32)
+    engine = Engine(model)
+    prompt = torch.randint(3, 128, (1, prompt_len), generator=torch.Generator().manual_seed(100 + seed))
+    expected = reference_ids(model, prompt, max_new_tokens, seed)
+    got = engine.infill_ids(prompt[0].tolist(), max_new_tokens=max_new_tokens, seed=seed)
+    assert list(got.ids) == expected
+    assert got.steps > 0 and got.tokens_per_forward > 0
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_parity_with_eos(seed):
+    """With an EOS id configured, generation stops at EOS exactly where generate pads."""
+    model = tiny_model(seed=seed, canvas_length=8, vocab_size=16, eos_token_id=3, pad_token_id=0)
+    model.generation_config.eos_token_id = 3
+    model.generation_config.pad_token_id = 0
+    engine = Engine(model)
+    prompt = torch.randint(4, 16, (1, 6), generator=torch.Generator().manual_seed(seed))
+    expected = reference_ids(model, prompt, 64, seed, eos=3)
+    got = engine.infill_ids(prompt[0].tolist(), max_new_tokens=64, seed=seed)
+    assert list(got.ids) == expected
+    assert 3 not in got.ids
+
+
+def test_parity_with_custom_sampling():
+    model = tiny_model(seed=3, canvas_length=16)
+    engine = Engine(model)
+    prompt = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_denoising_steps=10, t_min=0.2, t_max=1.0)
+    torch.manual_seed(11)
+    out = model.generate(prompt, max_new_tokens=16, **kwargs)
+    got = engine.infill_ids(prompt[0].tolist(), max_new_tokens=16, seed=11, **kwargs)
+    assert list(got.ids) == out.sequences[0, 9:].tolist()
+    assert got.steps <= 10
+
+
+def test_seed_means_manual_seed_then_run():
+    """seed=s equals a run started right after torch.manual_seed(s) with no seed argument."""
+    model = tiny_model(seed=1, canvas_length=16)
+    engine = Engine(model)
+    a = engine.infill_ids([5, 6, 7], max_new_tokens=16, seed=42)
+    torch.manual_seed(42)
+    b = engine.infill_ids([5, 6, 7], max_new_tokens=16)
+    assert a.ids == b.ids
+    c = engine.infill_ids([5, 6, 7], max_new_tokens=16, seed=43)
+    assert c.ids != a.ids
+
+
+def test_clamped_suffix_untouched_every_step():
+    """The suffix head sits in the canvas after the middle slots and never changes, at any step."""
+    model, tok = tiny_pair(seed=2, canvas_length=64)
+    engine = Engine(model, tok)
+    suffix = "\n    return total\n\nprint(add(1, 2))\n"
+    head = tok.encode(suffix, add_special_tokens=False)[: engine.settings.suffix_head_tokens]
+    events = list(engine.stream("def add(a, b):\n    total = ", suffix, max_new_tokens=24, seed=3))
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps and isinstance(events[-1], Done)
+    for step in steps:
+        # The shown row: middle slots then the clamped head, verbatim.
+        assert list(step.canvas[-len(head):]) == head
+    assert suffix not in events[-1].text
+
+
+def test_candidate_lengths_run_as_one_batch_and_pick_one():
+    model, tok = tiny_pair(seed=4, canvas_length=64)
+    engine = Engine(model, tok)
+    r = engine.infill("x = [", "]\nprint(x)\n", max_new_tokens=32, seed=1)
+    assert r.length in (4, 8, 16, 32)
+    assert len(r.scores) == 4  # every candidate length was scored
+    assert len(r.ids) <= r.length
+
+
+def test_stream_done_equals_infill():
+    model, tok = tiny_pair(seed=5, canvas_length=32)
+    engine = Engine(model, tok)
+    args = ("def f(x):\n    return ", "\n")
+    events = list(engine.stream(*args, max_new_tokens=16, seed=9))
+    done = engine.infill(*args, max_new_tokens=16, seed=9)
+    assert events[-1] == done
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [s.index for s in steps] == list(range(1, len(steps) + 1))
+    assert all(0.0 <= t.confidence <= 1.0 for s in steps for t in s.tokens)
+
+
+def test_stream_stops_when_consumer_stops():
+    model, tok = tiny_pair(seed=5, canvas_length=32)
+    engine = Engine(model, tok)
+    calls = []
+    original = model.forward
+
+    def counting_forward(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    model.forward = counting_forward
+    stream = engine.stream("import os\n", "", max_new_tokens=16, seed=1, max_denoising_steps=20)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert len(calls) == 2  # no step ran after the consumer stopped
+
+
+def test_single_line_stops_at_end_of_line():
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    engine = Engine(model, tok)
+    for seed in range(4):
+        r = engine.infill("x = compute(", "\ny = 2\n", max_new_tokens=32, seed=seed)
+        assert "\n" not in r.text
+
+
+def test_prefix_cache_identical_results_and_reencodes_only_the_tail():
+    model, tok = tiny_pair(seed=7, canvas_length=32, sliding_window=32)
+    engine = Engine(model, tok)
+    base = "".join(f"value_{i} = compute({i}, 'x')\n" for i in range(60))
+    cold = Engine(model, tok)
+    engine.infill(base, "\n", max_new_tokens=8, seed=1, session="doc")
+    first_len = engine.last_prefix_len
+    typed = base + "result = val"
+    warm = engine.infill(typed, "\n", max_new_tokens=8, seed=2, session="doc")
+    assert engine.last_encoded < 0.1 * engine.last_prefix_len
+    assert engine.last_prefix_len > first_len
+    reference = cold.infill(typed, "\n", max_new_tokens=8, seed=2)
+    assert cold.last_encoded == cold.last_prefix_len
+    assert warm == reference
+    # Editing earlier in the file (not just appending) still gives the uncached answer.
+    edited = typed.replace("value_50", "renamed_50")
+    warm2 = engine.infill(edited, "\n", max_new_tokens=8, seed=3, session="doc")
+    assert warm2 == cold.infill(edited, "\n", max_new_tokens=8, seed=3)
+
+
+def test_long_prefix_is_windowed_on_the_left():
+    model, tok = tiny_pair(seed=8, canvas_length=32)
+    engine = Engine(model, tok)
+    prefix = "a = 1\n" * 5000
+    r = engine.infill(prefix, "\n", max_new_tokens=8, seed=1)
+    assert engine.last_prefix_len <= engine.settings.max_prefix_tokens
+    assert isinstance(r.text, str)
+
+
+def test_rewrite_strength_zero_is_identity_and_bounded():
+    model, tok = tiny_pair(seed=9, canvas_length=64)
+    engine = Engine(model, tok)
+    selection = "    total = a + b\n"
+    same = engine.rewrite("def add(a, b):\n", selection, "    return total\n", strength=0.0)
+    assert same.text == selection and same.steps == 0
+    n_sel = len(tok.encode(selection, add_special_tokens=False))
+    changed = engine.rewrite("def add(a, b):\n", selection, "    return total\n", strength=0.8, seed=2,
+                             instruction="use sum")
+    assert changed.steps > 0
+    assert len(changed.ids) <= n_sel + max(4, n_sel // 4)
+
+
+def test_mask_noise_option():
+    model, tok = tiny_pair(seed=10, canvas_length=32)
+    engine = Engine(model, tok, sampling=SamplingConfig(noise="mask", mask_token_id=3))
+    events = list(engine.stream("def f():\n", "", max_new_tokens=16, seed=1, max_denoising_steps=6))
+    first = next(e for e in events if isinstance(e, Step))
+    # After the first step, what was not accepted is <mask> again.
+    assert 3 in first.canvas
+    assert isinstance(events[-1], Done)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda e: e.infill("", ""), "both empty"),
+        (lambda e: e.infill("x", max_new_tokens=0), "max_new_tokens"),
+        (lambda e: e.infill("x", max_new_tokens=-3), "max_new_tokens"),
+        (lambda e: e.infill("x", temperature=0.5), "unknown sampling option"),
+        (lambda e: e.infill("x", max_denoising_steps=0), "max_denoising_steps"),
+        (lambda e: e.infill(b"bytes"), "must be text"),
+        (lambda e: e.infill("bad \udc80 surrogate"), "not valid UTF-8"),
+        (lambda e: e.infill_ids([]), "empty"),
+        (lambda e: e.infill_ids([10 ** 9]), "token ids"),
+        (lambda e: e.rewrite("a", "b", "c", strength=2), "strength"),
+    ],
+)
+def test_bad_input_gets_clear_value_error(call, message):
+    model, tok = tiny_pair(seed=11, canvas_length=16)
+    engine = Engine(model, tok)
+    with pytest.raises(ValueError, match=message):
+        call(engine)
+
+
+def test_load_reports_missing_files(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Engine.load(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        Engine.load(str(tmp_path))
+    engine = Engine.load(str(tiny_model_dir))
+    assert engine.info()["canvas_length"] == 16
+    assert engine.sampling.max_denoising_steps == 8  # from the model's dg_edit.json

@@ -1,0 +1,190 @@
+"""The websocket protocol: client frames in, typed requests out; core events in, server frames out.
+
+Why a module of its own: the service, its tests, the benchmark and any Python client share one
+parser and one frame builder, so a field name is spelled in exactly one place (plus the JSON Schema
+in `dg_edit/schema/protocol.schema.json`, which the tests check against this code).
+
+Server frames are the core's own events (`Step`, `Done`, `Error`) through their `to_json()`, tagged
+with the request id; the only frame without a core event is `cancelled`, which is a fact about the
+connection rather than about the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .events import Done, Error, Step
+
+MAX_ID_CHARS = 128
+
+# Error codes a client can see; `code` of an `error` frame is always one of these.
+BAD_REQUEST = "bad_request"  # not JSON, unknown type, missing/wrongly typed fields, input the engine refused
+DUPLICATE_ID = "duplicate_id"  # the id is already in flight on this connection (that request keeps running)
+UNKNOWN_ID = "unknown_id"  # cancel for an id that is not in flight (never sent, or already finished)
+BUSY = "busy"  # max_inflight requests already running on this connection
+TIMEOUT = "timeout"  # the request ran longer than request_timeout_s and was stopped
+MODEL_ERROR = "model_error"  # the engine failed; the server log has the traceback
+ERROR_CODES = (BAD_REQUEST, DUPLICATE_ID, UNKNOWN_ID, BUSY, TIMEOUT, MODEL_ERROR)
+
+
+class ProtocolError(ValueError):
+    """A client frame that cannot be served; becomes an `error` frame with `code` and the request `id`."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class InfillRequest:
+    """Fill the middle between `prefix` and `suffix` (the cursor sits between them)."""
+
+    id: str
+    prefix: str
+    suffix: str = ""
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    session: str | None = None  # prefix-cache key (e.g. the document name), scoped to the connection
+    single_line: bool | None = None  # None: the engine decides from the cursor's line
+
+
+@dataclass(frozen=True)
+class RewriteRequest:
+    """Re-denoise `selection` in place between `prefix` and `suffix`."""
+
+    id: str
+    prefix: str
+    selection: str
+    suffix: str = ""
+    instruction: str | None = None
+    strength: float = 0.6
+    seed: int | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Stop the in-flight request `id`; the server answers `cancelled` (or `unknown_id`)."""
+
+    id: str
+
+
+Request = InfillRequest | RewriteRequest | CancelRequest
+
+# field -> (python type(s), required); "id" and "type" are checked for every frame first.
+_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "infill": {
+        "prefix": ((str,), True),
+        "suffix": ((str,), False),
+        "max_new_tokens": ((int,), False),
+        "seed": ((int,), False),
+        "session": ((str,), False),
+        "single_line": ((bool,), False),
+    },
+    "rewrite": {
+        "prefix": ((str,), True),
+        "selection": ((str,), True),
+        "suffix": ((str,), False),
+        "instruction": ((str,), False),
+        "strength": ((int, float), False),
+        "seed": ((int,), False),
+        "session": ((str,), False),
+    },
+    "cancel": {},
+}
+_CLASSES = {"infill": InfillRequest, "rewrite": RewriteRequest, "cancel": CancelRequest}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def parse_request(message: str | bytes) -> Request:
+    """One client frame to a typed request; raises `ProtocolError` (code `bad_request`) otherwise.
+
+    Binary frames are refused rather than decoded, so that a client bug (sending bytes) is reported
+    instead of half-working. Unknown fields are errors, as everywhere in dg-edit: a misspelt
+    `max_new_token` must not be silently ignored.
+    """
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        raise ProtocolError(BAD_REQUEST, "binary frames are not accepted: send JSON as a text frame")
+    try:
+        data = json.loads(message)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(BAD_REQUEST, f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(BAD_REQUEST, f"a request must be a JSON object, got {_json_kind(data)}")
+    request_id = data.get("id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
+        raise ProtocolError(BAD_REQUEST, f"id must be a non-empty string of at most {MAX_ID_CHARS} characters, "
+                                         f"got {_short(request_id)}")
+    kind = data.get("type")
+    if kind not in _FIELDS:
+        raise ProtocolError(BAD_REQUEST, f"unknown request type {_short(kind)}; expected one of "
+                                         f"{', '.join(sorted(_FIELDS))}", request_id)
+    spec = _FIELDS[kind]
+    unknown = sorted(set(data) - set(spec) - {"type", "id"})
+    if unknown:
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s) for {kind}: {', '.join(unknown)}; accepted: "
+                                         f"{', '.join(['type', 'id', *spec])}", request_id)
+    values: dict[str, Any] = {"id": request_id}
+    for name, (types, required) in spec.items():
+        if name not in data:
+            if required:
+                raise ProtocolError(BAD_REQUEST, f"{kind} needs field {name!r}", request_id)
+            continue
+        value = data[name]
+        if not _is_instance(value, types):
+            raise ProtocolError(BAD_REQUEST, f"{name} must be {_TYPE_NAMES[types[-1]]}, got {_short(value)}",
+                                request_id)
+        values[name] = value
+    _check_ranges(values, request_id)
+    return _CLASSES[kind](**values)
+
+
+def _check_ranges(values: Mapping[str, Any], request_id: str) -> None:
+    if "max_new_tokens" in values and values["max_new_tokens"] <= 0:
+        raise ProtocolError(BAD_REQUEST, f"max_new_tokens must be positive, got {values['max_new_tokens']}",
+                            request_id)
+    if "strength" in values:
+        strength = values["strength"]
+        if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
+            raise ProtocolError(BAD_REQUEST, f"strength must be a number in [0, 1], got {strength}", request_id)
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    # JSON true/false are Python bools, which are ints: never accept them where a number is expected.
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- frames
+def event_frame(event: Step | Done | Error, request_id: str | None) -> str:
+    """A core event as a server frame: the event's own wire shape plus the request id."""
+    body = event.to_json()
+    return dump({"type": body.pop("type"), "id": request_id, **body})
+
+
+def error_frame(code: str, message: str, request_id: str | None = None) -> str:
+    return event_frame(Error(code, message), request_id)
+
+
+def cancelled_frame(request_id: str) -> str:
+    return dump({"type": "cancelled", "id": request_id})
+
+
+def dump(frame: Mapping[str, Any]) -> str:
+    """Compact JSON; ASCII-escaped so that any text the tokenizer produces survives as a valid frame."""
+    return json.dumps(frame, separators=(",", ":"), allow_nan=False)

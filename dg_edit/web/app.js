@@ -1,0 +1,249 @@
+// dg-edit demo page: a textarea editor that asks `dg-edit serve` for an infill (or a rewrite of the
+// selection) over the websocket and shows every denoising step in place, in an overlay that copies
+// the textarea's metrics. Plain JS, no build step.
+//
+// Safety: model output is untrusted text. It only ever reaches the page through text nodes and
+// `textContent`; nothing here parses HTML (the page's Content-Security-Policy forbids inline script
+// anyway).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const editor = $("editor");
+const preview = $("preview");
+const statusLine = $("status");
+const buttons = { complete: $("complete"), accept: $("accept"), dismiss: $("dismiss") };
+
+// With a token, the page is opened as /?token=T; browsers cannot set headers on a websocket, so the
+// token goes on the websocket URL too.
+const token = new URLSearchParams(location.search).get("token");
+
+let socket = null;
+let retryMs = 500;
+let nextId = 1;
+// The request being previewed: {id, kind, prefix, original, suffix, start, end, final}.
+let active = null;
+
+function withToken(path, protocol) {
+  const url = new URL(path, location.href);
+  if (protocol) url.protocol = protocol;
+  if (token) url.searchParams.set("token", token);
+  return url.href;
+}
+
+function setStatus(text, kind = "") {
+  statusLine.textContent = text;
+  statusLine.dataset.kind = kind;
+}
+
+function setConnection(state, detail = "") {
+  const badge = $("connection");
+  badge.dataset.state = state;
+  badge.textContent = detail ? `${state} (${detail})` : state;
+}
+
+function connect() {
+  setConnection("connecting");
+  socket = new WebSocket(withToken("/ws", location.protocol === "https:" ? "wss:" : "ws:"));
+  socket.addEventListener("open", () => {
+    setConnection("open");
+    retryMs = 500;
+  });
+  socket.addEventListener("close", (event) => {
+    setConnection("closed", String(event.code));
+    if (active) endPreview(`connection closed (${event.code}); reconnecting`, "error");
+    setTimeout(connect, retryMs);
+    retryMs = Math.min(retryMs * 2, 10000);
+  });
+  socket.addEventListener("message", (event) => onFrame(JSON.parse(event.data)));
+}
+
+async function showModel() {
+  try {
+    const response = await fetch(withToken("/healthz"));
+    const health = await response.json();
+    $("model").textContent = `${health.model} · ${health.device} · ${health.dtype} · ${health.parameters} parameters`;
+  } catch (error) {
+    $("model").textContent = `model unknown (${error})`;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ requests
+function numberField(id) {
+  const value = $(id).value.trim();
+  return value === "" ? undefined : Number.parseInt(value, 10);
+}
+
+function request() {
+  if (!socket || socket.readyState !== WebSocket.OPEN) {
+    setStatus("not connected to the service yet", "error");
+    return;
+  }
+  if (active) dismiss();
+  const text = editor.value;
+  const start = editor.selectionStart;
+  const end = editor.selectionEnd;
+  const id = `r${nextId++}`;
+  const kind = start === end ? "infill" : "rewrite";
+  const frame = { type: kind, id, prefix: text.slice(0, start), suffix: text.slice(end), session: "page" };
+  if (kind === "rewrite") frame.selection = text.slice(start, end);
+  const seed = numberField("seed");
+  if (seed !== undefined) frame.seed = seed;
+  const maxNewTokens = numberField("max-new-tokens");
+  if (maxNewTokens !== undefined && kind === "infill") frame.max_new_tokens = maxNewTokens;
+  active = { id, kind, prefix: frame.prefix, original: text.slice(start, end), suffix: frame.suffix, start, end,
+             final: null };
+  socket.send(JSON.stringify(frame));
+  showPreview(ghost([]));
+  setStatus(`${kind} ${id}: waiting for the first step…`);
+}
+
+function cancelActive() {
+  if (active && active.final === null && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "cancel", id: active.id }));
+  }
+}
+
+// ------------------------------------------------------------------------------------------ frames
+function onFrame(frame) {
+  if (frame.type === "error" && frame.id === null) {
+    setStatus(`error (${frame.code}): ${frame.message}`, "error");
+    return;
+  }
+  if (!active || frame.id !== active.id) return; // a dismissed request's late frames
+  switch (frame.type) {
+    case "step":
+      showPreview(ghost(draftNodes(frame)));
+      setStatus(`${active.kind} ${frame.id}: step ${frame.step}/${frame.total} · ${frame.ms.toFixed(1)} ms`);
+      break;
+    case "done": {
+      active.final = frame.text;
+      const span = ghost([document.createTextNode(frame.text)]);
+      span.classList.add("final");
+      showPreview(span);
+      setStatus(`done ${frame.id}: ${frame.steps} steps · ${frame.tokens_per_forward} tokens/forward · ` +
+                `${frame.ms.toFixed(1)} ms: Tab accepts, Esc dismisses`, "done");
+      buttons.accept.disabled = false;
+      break;
+    }
+    case "cancelled":
+      endPreview(`cancelled ${frame.id}`);
+      break;
+    case "error":
+      endPreview(`error (${frame.code}): ${frame.message}`, "error");
+      break;
+  }
+}
+
+// The step's tokens are the current canvas block; `text` is the whole draft (earlier blocks included,
+// possibly cut at a newline). Shade the tokens where they line up with the text; fall back to plain text.
+function draftNodes(frame) {
+  const joined = frame.tokens.map((t) => t.text).join("");
+  let head = "";
+  let limit = Infinity;
+  if (frame.text.endsWith(joined)) {
+    head = frame.text.slice(0, frame.text.length - joined.length);
+  } else if (joined.startsWith(frame.text)) {
+    limit = frame.text.length;
+  } else {
+    return [document.createTextNode(frame.text)];
+  }
+  const nodes = head ? [document.createTextNode(head)] : [];
+  let used = 0;
+  for (const tok of frame.tokens) {
+    if (used >= limit) break;
+    const text = tok.text.slice(0, limit - used);
+    used += text.length;
+    const span = document.createElement("span");
+    span.className = `tok c${Math.min(4, Math.floor(tok.confidence * 5))}${tok.accepted ? " accepted" : ""}`;
+    span.title = `confidence ${tok.confidence.toFixed(3)}${tok.accepted ? ", accepted this step" : ""}`;
+    span.textContent = text;
+    nodes.push(span);
+  }
+  return nodes;
+}
+
+function ghost(children) {
+  const span = document.createElement("span");
+  span.id = "ghost";
+  span.className = "ghost";
+  span.append(...children);
+  return span;
+}
+
+// ------------------------------------------------------------------------------------------ preview
+function showPreview(ghostSpan) {
+  preview.replaceChildren(document.createTextNode(active.prefix), ghostSpan, document.createTextNode(active.suffix));
+  preview.hidden = false;
+  preview.scrollTop = editor.scrollTop;
+  preview.scrollLeft = editor.scrollLeft;
+  buttons.dismiss.disabled = false;
+}
+
+function endPreview(message, kind = "") {
+  active = null;
+  preview.hidden = true;
+  preview.replaceChildren();
+  buttons.accept.disabled = true;
+  buttons.dismiss.disabled = true;
+  if (message !== undefined) setStatus(message, kind);
+}
+
+function dismiss() {
+  if (!active) return;
+  cancelActive();
+  endPreview("dismissed");
+}
+
+function accept() {
+  if (!active || active.final === null) return;
+  if (editor.value !== active.prefix + active.original + active.suffix) {
+    endPreview("the text changed while the model was working; request again", "error");
+    return;
+  }
+  const { start, end, final } = active;
+  editor.setRangeText(final, start, end, "end");
+  endPreview(`accepted ${final.length} characters`);
+  editor.focus();
+}
+
+// ------------------------------------------------------------------------------------------ keys
+editor.addEventListener("keydown", (event) => {
+  if (event.key === " " && event.ctrlKey) {
+    event.preventDefault();
+    request();
+    return;
+  }
+  if (!active) {
+    if (event.key === "Tab" && !event.shiftKey && !event.ctrlKey && !event.altKey) {
+      event.preventDefault();
+      editor.setRangeText("    ", editor.selectionStart, editor.selectionEnd, "end");
+    }
+    return;
+  }
+  if (event.key === "Tab") {
+    event.preventDefault();
+    if (active.final !== null) accept();
+    else setStatus("still refining: Tab accepts once the draft is done");
+    return;
+  }
+  if (event.key === "Escape") {
+    event.preventDefault();
+    dismiss();
+    return;
+  }
+  if (!["Shift", "Control", "Alt", "Meta", "CapsLock"].includes(event.key)) dismiss(); // the draft is stale
+});
+editor.addEventListener("scroll", () => {
+  preview.scrollTop = editor.scrollTop;
+  preview.scrollLeft = editor.scrollLeft;
+});
+buttons.complete.addEventListener("click", () => { request(); editor.focus(); });
+buttons.accept.addEventListener("click", accept);
+buttons.dismiss.addEventListener("click", () => { dismiss(); editor.focus(); });
+
+// Start with the cursor after "return " so Ctrl+Space right away shows something sensible.
+const demoCursor = editor.value.indexOf("return ") + "return ".length;
+editor.setSelectionRange(demoCursor, demoCursor);
+editor.focus();
+showModel();
+connect();

@@ -1,0 +1,465 @@
+"""`dg-edit tui FILE`: a terminal editor where a person infills and rewrites code and watches the
+diffusion model work.
+
+ctrl+space / f2 infill at the cursor, ctrl+r rewrite the selection; the draft refines in place as
+ghost text, tab accepts, escape rejects (the buffer comes back byte for byte), ctrl+z undoes an
+accepted proposal, f3 shows the canvas, ctrl+s saves atomically, ctrl+q quits.
+
+Structure: the app owns the file and the request; `EditorArea` owns the text and the ghost region;
+model work runs in thread workers that post the core's `Step`/`Done` events back as messages, so
+the UI never waits on the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from dg_edit import Done, Step
+
+from . import files
+from .canvas_panel import CanvasPanel
+from .dialogs import ConfirmScreen, MessageScreen, RewriteRequest, RewriteScreen
+from .editor import EditorArea
+from .ghost import clean_model_text, diff_counts, diff_segments, step_segments
+from .status import StatusLine
+
+# file suffix -> tree-sitter language shipped with textual[syntax]
+LANGUAGES = {
+    ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".rs": "rust", ".go": "go",
+    ".java": "java", ".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".md": "markdown",
+    ".html": "html", ".htm": "html", ".css": "css", ".sh": "bash", ".bash": "bash", ".sql": "sql", ".xml": "xml",
+}
+
+
+def language_for(path: Path) -> str | None:
+    """The syntax-highlighting language for `path`, if its tree-sitter grammar is installed."""
+    name = LANGUAGES.get(path.suffix.lower())
+    if name is None or importlib.util.find_spec("tree_sitter") is None:
+        return None
+    return name if importlib.util.find_spec(f"tree_sitter_{name}") is not None else None
+
+
+class ModelEvent(Message):
+    """A `Step` or `Done` of request `request_id`, posted from the model worker."""
+
+    def __init__(self, request_id: int, event: Step | Done):
+        super().__init__()
+        self.request_id = request_id
+        self.event = event
+
+
+class ModelFailed(Message):
+    def __init__(self, request_id: int, error: str):
+        super().__init__()
+        self.request_id = request_id
+        self.error = error
+
+
+class EngineReady(Message):
+    def __init__(self, engine: Any):
+        super().__init__()
+        self.engine = engine
+
+
+class EngineFailed(Message):
+    def __init__(self, error: str):
+        super().__init__()
+        self.error = error
+
+
+@dataclass
+class Request:
+    id: int
+    kind: str  # infill / rewrite
+    suffix: str
+
+
+class DgEditApp(App[int]):
+    """The editor. Give it an `engine` (anything with `stream`/`stream_rewrite`) or a `load_engine`."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "dg-edit"
+    ENABLE_COMMAND_PALETTE = False
+
+    BINDINGS = [
+        Binding("ctrl+space,ctrl+@,f2", "infill", "Infill", priority=True),
+        Binding("ctrl+r", "rewrite", "Rewrite sel.", priority=True),
+        Binding("tab", "accept", "Accept", priority=True),
+        Binding("escape", "reject", "Reject", priority=True),
+        Binding("ctrl+z", "reject", "Reject", show=False, priority=True),
+        Binding("f3", "toggle_canvas", "Canvas"),
+        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    phase: reactive[str] = reactive("loading model")
+    dirty: reactive[bool] = reactive(False)
+    show_canvas: reactive[bool] = reactive(False)
+
+    def __init__(self, path: str | Path, *, engine: Any = None, load_engine: Callable[[], Any] | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self.engine = engine
+        self._load_engine = load_engine
+        self.loaded: files.Fingerprint | None = None  # the file on disk when loaded / last saved
+        self.saved_text: str | None = None  # None until a file is open
+        self.lossy: str | None = None  # why saving would change bytes the user did not edit
+        self.request: Request | None = None
+        self._request_ids = 0
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield EditorArea("", language=language_for(self.path), id="editor")
+        yield CanvasPanel(decode=self._decode, id="canvas")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    @property
+    def editor(self) -> EditorArea:
+        return self.query_one("#editor", EditorArea)
+
+    @property
+    def status(self) -> StatusLine:
+        return self.query_one("#status", StatusLine)
+
+    @property
+    def canvas_panel(self) -> CanvasPanel:
+        return self.query_one("#canvas", CanvasPanel)
+
+    def on_mount(self) -> None:
+        self.status.file_label = str(self.path)
+        self.editor.read_only = True  # until the file is open
+        self._open_file()
+        if self.engine is not None:
+            self.phase = "ready"
+        elif self._load_engine is not None:
+            self.load_model()
+        else:
+            self.phase = "no model"
+
+    # ------------------------------------------------------------------ reactives
+    def watch_phase(self, phase: str) -> None:
+        self.status.phase = phase
+        self.refresh_bindings()
+
+    def watch_dirty(self, dirty: bool) -> None:
+        self.status.dirty = dirty
+
+    def watch_show_canvas(self, show: bool) -> None:
+        self.canvas_panel.display = show
+
+    def say(self, message: str, *, error: bool = False) -> None:
+        """Put a message on the status line; errors also pop up as a notification."""
+        self.status.message = message
+        self.status.error = error
+        if error:
+            self.notify(message, title="dg-edit", severity="error", timeout=8)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Proposal keys only act while a proposal is pending on the main screen; else the editor gets them."""
+        if action in ("accept", "reject"):
+            return self.saved_text is not None and self.editor.proposal is not None and len(self.screen_stack) == 1
+        if action in ("infill", "rewrite", "save"):
+            return len(self.screen_stack) == 1 and self.saved_text is not None
+        return True
+
+    # ------------------------------------------------------------------ the file
+    def _open_file(self) -> None:
+        try:
+            loaded = files.load_text(self.path)
+        except files.FileProblem as problem:
+            if problem.kind == "missing":
+                self.push_screen(ConfirmScreen(f"{self.path} does not exist.\nCreate it?",
+                                               [("create", "Create"), ("quit", "Quit")]), self._after_missing)
+            else:
+                self.say(problem.message, error=True)
+                self.push_screen(MessageScreen("Cannot open this file", problem.message, "Quit"),
+                                 lambda _: self.exit(2))
+            return
+        self._set_buffer(loaded.text, loaded.fingerprint)
+        if self.editor.text != loaded.text:
+            # Textual's Document keeps one newline style and splits on form feeds & co.: say so now, ask at save.
+            self.lossy = (f"{self.path.name} mixes line endings or has form-feed/separator characters; "
+                          f"saving writes every line break as {self.editor.document.newline!r}")
+            self.say(self.lossy, error=True)
+
+    def _after_missing(self, choice: str | None) -> None:
+        if choice == "create":
+            self._set_buffer("", None)
+            self.say("new file: it is created when you save (ctrl+s)")
+        else:
+            self.exit(2)
+
+    def _set_buffer(self, text: str, fingerprint: files.Fingerprint | None) -> None:
+        self.editor.load_text(text)
+        self.editor.read_only = False
+        self.loaded = fingerprint
+        self.saved_text = text
+        self.dirty = False
+        self.editor.focus()
+        self.refresh_bindings()
+
+    def on_text_area_changed(self, event: EditorArea.Changed) -> None:
+        if self.saved_text is not None:
+            self.dirty = self.editor.committed_text() != self.saved_text
+
+    def action_save(self) -> None:
+        if self.lossy is not None:
+            self.push_screen(ConfirmScreen(f"{self.lossy}.\nSave anyway?", [("save", "Save"), ("cancel", "Cancel")]),
+                             lambda choice: self._save_checked() if choice == "save" else self.say("not saved"))
+            return
+        self._save_checked()
+
+    def _save_checked(self) -> None:
+        if files.changed_on_disk(self.path, self.loaded):
+            self.push_screen(ConfirmScreen(f"{self.path} changed on disk since it was opened.\n"
+                                           "Overwrite it with this buffer?",
+                                           [("overwrite", "Overwrite"), ("cancel", "Cancel")]),
+                             lambda choice: self._save() if choice == "overwrite" else self.say("not saved"))
+            return
+        self._save()
+
+    def _save(self) -> bool:
+        text = self.editor.committed_text()  # never a proposal the user has not accepted
+        try:
+            self.loaded = files.atomic_write(self.path, text)
+        except OSError as e:
+            self.say(f"save failed, the buffer is kept: {e.strerror or e}", error=True)
+            return False
+        self.saved_text = text
+        self.lossy = None
+        self.dirty = self.editor.committed_text() != text
+        note = " (the pending proposal was not saved)" if self.editor.proposal is not None else ""
+        self.say(f"saved {len(text.encode('utf-8'))} bytes{note}")
+        return True
+
+    async def action_quit(self) -> None:
+        if self.saved_text is not None and self.editor.committed_text() != self.saved_text:
+            self.push_screen(ConfirmScreen("There are unsaved changes.",
+                                           [("save", "Save and quit"), ("discard", "Quit without saving"),
+                                            ("cancel", "Cancel")]), self._after_quit_question)
+            return
+        self.cancel_request()
+        self.exit(0)
+
+    def _after_quit_question(self, choice: str | None) -> None:
+        if choice == "save":
+            if self.lossy is not None or files.changed_on_disk(self.path, self.loaded):
+                self.say("saving needs a decision first: press ctrl+s, then quit", error=True)
+                return
+            if self._save():
+                self.exit(0)
+        elif choice == "discard":
+            self.cancel_request()
+            self.exit(0)
+
+    # ------------------------------------------------------------------ the model
+    @work(thread=True, group="load", exit_on_error=False)
+    def load_model(self) -> None:
+        try:
+            engine = self._load_engine()
+        except Exception as e:  # any loader failure is shown; the file stays editable
+            self.post_message(EngineFailed(f"{type(e).__name__}: {e}" if not str(e) else str(e)))
+            return
+        self.post_message(EngineReady(engine))
+
+    def on_engine_ready(self, message: EngineReady) -> None:
+        self.engine = message.engine
+        self.phase = "ready"
+
+    def on_engine_failed(self, message: EngineFailed) -> None:
+        self.phase = "no model"
+        self.say(f"model not loaded: {message.error}", error=True)
+
+    def _decode(self, ids: Sequence[int]) -> list[str]:
+        tok = getattr(self.engine, "tokenizer", None)
+        return [tok.decode([i]) for i in ids] if tok is not None else ["?" for _ in ids]
+
+    def _suffix_head(self, suffix: str) -> int:
+        """How many suffix tokens the engine clamps at the end of the canvas (for the canvas panel)."""
+        tok = getattr(self.engine, "tokenizer", None)
+        settings = getattr(self.engine, "settings", None)
+        if tok is None or settings is None or not suffix:
+            return 0
+        n = settings.suffix_head_tokens
+        return len(tok.encode(suffix[: max(n, 1) * 16], add_special_tokens=False)[:n])
+
+    def _can_start(self) -> bool:
+        if self.engine is None:
+            self.say("the model is not loaded yet" if self.phase == "loading model" else "no model is loaded",
+                     error=self.phase != "loading model")
+            return False
+        if self.editor.proposal is not None:
+            self.say("a proposal is pending: tab accepts it, escape rejects it")
+            return False
+        return True
+
+    def action_infill(self) -> None:
+        if not self._can_start():
+            return
+        editor = self.editor
+        doc = editor.document
+        cursor = editor.selection.end
+        prefix, suffix = doc.get_text_range(doc.start, cursor), doc.get_text_range(cursor, doc.end)
+        editor.begin_proposal("infill", cursor, cursor)
+        engine, session = self.engine, str(self.path.resolve())
+        self._start("infill", suffix, lambda: engine.stream(prefix, suffix, session=session))
+
+    def action_rewrite(self) -> None:
+        if not self._can_start():
+            return
+        selection = self.editor.selection
+        if selection.is_empty:
+            self.say("select the text to rewrite first, then press ctrl+r")
+            return
+        self.push_screen(RewriteScreen(), lambda req: self._start_rewrite(selection, req))
+
+    def _start_rewrite(self, selection, req: RewriteRequest | None) -> None:
+        if req is None or self.editor.proposal is not None:
+            self.say("rewrite cancelled")
+            return
+        editor = self.editor
+        doc = editor.document
+        start, end = sorted(selection)
+        prefix, chosen, suffix = (doc.get_text_range(doc.start, start), doc.get_text_range(start, end),
+                                  doc.get_text_range(end, doc.end))
+        editor.selection = selection
+        editor.begin_proposal("rewrite", start, end)
+        editor.show_segments(diff_segments(chosen, chosen))  # the selection, styled as part of the proposal
+        engine, session = self.engine, str(self.path.resolve())
+        self._start("rewrite", suffix, lambda: engine.stream_rewrite(
+            prefix, chosen, suffix, instruction=req.instruction, strength=req.strength, session=session))
+
+    def _start(self, kind: str, suffix: str, make_events: Callable[[], Iterator[Step | Done]]) -> None:
+        self._request_ids += 1
+        self.request = Request(id=self._request_ids, kind=kind, suffix=suffix)
+        self.canvas_panel.clamped = self._suffix_head(suffix)
+        self.phase = f"{kind}: denoising"
+        self.status.progress = ""
+        self.say("escape cancels")
+        self.run_model(self.request.id, make_events)
+
+    @work(thread=True, exclusive=True, group="model", exit_on_error=False)
+    def run_model(self, request_id: int, make_events: Callable[[], Iterator[Step | Done]]) -> None:
+        """Iterate the engine's stream off the UI thread; stop within one step once cancelled."""
+        worker = get_current_worker()
+        events = None
+        try:
+            events = make_events()
+            for event in events:
+                if worker.is_cancelled:
+                    break
+                self.post_message(ModelEvent(request_id, event))
+        except Exception as e:  # the boundary between the model and the user: reported, buffer restored
+            self.post_message(ModelFailed(request_id, str(e) or type(e).__name__))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def cancel_request(self) -> None:
+        """Stop the running request (if any); its late events are ignored by id."""
+        if self.request is not None:
+            self.workers.cancel_group(self, "model")
+            self.request = None
+
+    def on_model_event(self, message: ModelEvent) -> None:
+        request, editor = self.request, self.editor
+        if request is None or message.request_id != request.id or editor.proposal is None:
+            return  # a cancelled or superseded request
+        event = message.event
+        if isinstance(event, Step):
+            editor.show_segments(step_segments(event))
+            self.canvas_panel.step = event
+            done_tokens = len(event.ids)
+            self.status.progress = (f"step {event.index}/{event.total} · {done_tokens / max(event.index, 1):.2f} "
+                                    f"tok/fwd · {event.ms:.0f} ms")
+            return
+        self.request = None
+        proposal = editor.proposal
+        proposal.final = final = clean_model_text(event.text)
+        self.status.progress = f"{event.steps} steps · {event.tokens_per_forward:.2f} tok/fwd · {event.ms:.0f} ms"
+        if request.kind == "infill":
+            if not final:
+                editor.reject()
+                self.phase = "ready"
+                self.say("the model proposed nothing here")
+                return
+            editor.show_segments(diff_segments("", final))
+        else:
+            segments = diff_segments(proposal.original, final)
+            editor.show_segments(segments)
+            ins, dele = diff_counts(segments)
+            self.status.progress += f" · +{ins} −{dele} chars"
+        self.phase = f"{request.kind}: review"
+        self.say("tab accepts · escape rejects")
+
+    def on_model_failed(self, message: ModelFailed) -> None:
+        if self.request is None or message.request_id != self.request.id:
+            return
+        self.request = None
+        self.editor.reject()
+        self.phase = "ready"
+        self.say(f"model error, buffer unchanged: {message.error}", error=True)
+
+    # ------------------------------------------------------------------ deciding
+    def action_accept(self) -> None:
+        editor = self.editor
+        if editor.proposal is None:
+            return
+        if editor.proposal.final is None:
+            self.say("still denoising: wait for it to finish, or escape to cancel")
+            return
+        kind = editor.proposal.kind
+        editor.accept()
+        self.phase = "ready"
+        self.say(f"{kind} accepted (ctrl+z undoes it)")
+
+    def action_reject(self) -> None:
+        editor = self.editor
+        if editor.proposal is None:
+            return
+        running = self.request is not None
+        self.cancel_request()
+        editor.reject()
+        self.phase = "ready"
+        self.say("request cancelled, buffer unchanged" if running else "proposal rejected")
+
+    def action_toggle_canvas(self) -> None:
+        self.show_canvas = not self.show_canvas
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dg_edit.cli import add_model_arguments
+
+    parser = argparse.ArgumentParser(prog="dg-edit tui", description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="the file to edit (created on save if it does not exist)")
+    add_model_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dg_edit.cli import load_engine
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    app = DgEditApp(args.file, load_engine=lambda: load_engine(args))
+    result = app.run()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`textDocument/inlineCompletion` (LSP 3.18): ghost text that fits the code before and after the cursor.
+
+- Automatic trigger (typing): one item. Invoked (the user asked): up to `settings.candidates`
+  distinct items from other seeds.
+- `context.selectedCompletionInfo` (the completion widget is open): the spec requires items that
+  extend the selected item's text and use its range, so the infill is computed as if that text
+  were already in the document, and each item is `selected.text + infill` over `selected.range`.
+  Otherwise each item is inserted at the cursor (an empty range there).
+- Each item carries the command `dg-edit.accepted` (arguments `[{uri, version, requestId, index,
+  length}]`), which the editor runs when the user accepts it; the server counts acceptances.
+- Documents whose languageId is not enabled (`settings.languages`) get an empty list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+from . import documents
+from .progress import StepReporter
+from .runner import infill_texts
+from .state import DgEditServer
+
+ACCEPTED = "dg-edit.accepted"
+
+
+async def inline_completion(ls: DgEditServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+    uri = params.text_document.uri
+    selected = params.context.selected_completion_info
+    doc = documents.open_document(ls, uri)
+    if not documents.language_enabled(ls, doc):
+        return types.InlineCompletionList(items=[])
+    if selected is not None:
+        if selected.range.start.line != selected.range.end.line:
+            raise JsonRpcInvalidParams("selectedCompletionInfo.range must be on one line")
+        around, _ = documents.span_at(ls, uri, selected.range)
+        cursor = documents.Cursor(uri, around.version, around.prefix + selected.text, around.suffix)
+        rng, lead = selected.range, selected.text
+    else:
+        cursor = documents.cursor_at(ls, uri, params.position)
+        rng, lead = types.Range(start=params.position, end=params.position), ""
+    invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    count = ls.settings.candidates if invoked else 1
+    record: dict[str, Any] = {"kind": "inline", "uri": uri, "version": cursor.version,
+                              "requestId": ls.protocol.msg_id}
+    async with ls.tracked(uri, cursor.version, "inline"):
+        with StepReporter(ls, uri, cursor.version, ls.protocol.msg_id, "dg-edit: completing",
+                          params.work_done_token) as reporter:
+            texts = await infill_texts(ls, cursor, count, reporter, record)
+            ls.check_current(uri, cursor.version)
+    record["items"] = len(texts)
+    ls.stats.recent.append(record)
+    return types.InlineCompletionList(items=[
+        types.InlineCompletionItem(
+            insert_text=lead + text,
+            range=rng,
+            command=types.Command(
+                title="dg-edit: completion accepted", command=ACCEPTED,
+                arguments=[{"uri": uri, "version": cursor.version, "requestId": ls.protocol.msg_id,
+                            "index": i, "length": len(lead + text)}]),
+        )
+        for i, text in enumerate(texts)
+    ])
+
+
+def accepted(ls: DgEditServer, *args: Any) -> None:
+    """`dg-edit.accepted`: the user took an inline completion (counted in `dgEdit/stats`)."""
+    ls.stats.accepted += 1
+    ls.stats.recent.append({"kind": "accepted", **(args[0] if args and isinstance(args[0], dict) else {})})
+    return None
+
+
+def register(server: DgEditServer) -> None:
+    server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
+    server.command(ACCEPTED)(accepted)

@@ -1,0 +1,155 @@
+"""dg-edit language server: DiffusionGemma infilling and selection rewrite over LSP (pygls 2).
+
+Run: `dg-edit lsp` (stdio) or `dg-edit lsp --tcp 127.0.0.1:2087`, or `python -m dg_edit.lsp.server`.
+Options: `--model DIR --device --dtype --threads --config FILE` (as every dg-edit command),
+`--log-file FILE`, `--log-level LEVEL`. Logs go to stderr (stdout is the protocol).
+
+Model loading: `initialize` is answered at once; torch/transformers are imported from process start,
+the weights load in the background right after `initialize` (the model path may come from
+`initializationOptions`), followed by a one-step warm-up. Requests that arrive earlier wait for it.
+
+Protocol reference (for editor plug-ins)
+========================================
+
+Server capabilities
+-------------------
+positionEncoding "utf-8" when the client offers it, else "utf-16" · textDocumentSync incremental ·
+inlineCompletionProvider · completionProvider · codeActionProvider (refactor.rewrite) ·
+executeCommandProvider ["dg-edit.accepted", "dg-edit.rewrite", "dg-edit.infill"].
+
+Requests (client → server)
+--------------------------
+textDocument/inlineCompletion   InlineCompletionParams → InlineCompletionList
+    triggerKind Automatic (2) → at most 1 item; Invoked (1) → up to `candidates` distinct items.
+    Without selectedCompletionInfo: item.range is the empty range at the cursor, insertText the
+    infill. With it: item.range = selected.range and insertText = selected.text + infill.
+    item.command = {command: "dg-edit.accepted", arguments: [{uri, version, requestId, index, length}]}.
+    Pass `workDoneToken` to get `$/progress`. Language not enabled → empty list.
+textDocument/completion         fallback: one item, label = first line, textEdit inserts the infill
+                                at the cursor; isIncomplete = true.
+textDocument/codeAction         non-empty range → [{title: "Rewrite selection (dg-edit)",
+                                kind: "refactor.rewrite", command: dg-edit.rewrite [{uri, range}]}]
+workspace/executeCommand
+    dg-edit.rewrite  [{uri, range, instruction?: str, strength?: float 0..1 (0.6)}]
+    dg-edit.infill   [{uri, position}]
+        Both run the model, then send workspace/applyEdit (server → client; a versioned
+        TextDocumentEdit when the client supports documentChanges) and return
+        {applied: bool, text: str, version: int, failureReason?: str}.
+    dg-edit.accepted [{...the item's arguments}] → null; counted in dgEdit/stats.
+dgEdit/stats                    (custom, no params) → {requests, completed, cancelled, stale, errors,
+                                accepted, inflight, engine: {state: idle|loading|ready|failed, load_ms,
+                                model?, error?}, settings, recent: [{kind, uri, version, requestId, ms,
+                                encoded, prefix_tokens, steps, items|applied}]}
+$/cancelRequest                 stops the denoising loop within one step; answer: error -32800.
+
+Notifications (server → client)
+-------------------------------
+dgEdit/canvas    {uri, version, requestId, step, text, done}: one per denoising step (done=false,
+                 steps count up from 1) with the current draft, then exactly one done=true with the
+                 final text ("" if the request was cancelled, went stale or failed). requestId is
+                 the JSON-RPC id of the request (inlineCompletion/completion/executeCommand).
+$/progress       work-done begin / report "step i/N" (percentage) / end, on the client's
+                 workDoneToken (inline completion, completion) or a server-created token
+                 (window/workDoneProgress/create, for the commands, if the client supports it).
+window/logMessage   model failures and invalid configuration; window/showMessage for the latter.
+
+Errors
+------
+-32602 InvalidParams    unknown document (not opened), position outside the document, malformed
+                        params, input the engine rejects.
+-32800 RequestCancelled after $/cancelRequest.
+-32801 ContentModified  the document changed (didChange to a newer version) while the request ran:
+                        no result is ever sent for an older version.
+-32803 RequestFailed    the model could not be loaded (message says why).
+-32603 InternalError    a model failure (also logged with window/logMessage); the server lives on.
+
+Configuration: initializationOptions / workspace/didChangeConfiguration
+-----------------------------------------------------------------------
+Keys of dg_edit.config.Settings, flat or under "dgEdit" (unknown keys → error message, ignored):
+    model (str, "" = embedded), max_new_tokens (48), candidates (3), languages (["*"] or languageIds),
+    max_prefix_tokens (2048), max_suffix_tokens (512), suffix_head_tokens (16), debounce_ms (150,
+    for plug-ins), sampling ({...}) — and sampling names at the top level, e.g.
+    max_denoising_steps, t_min, t_max, entropy_bound. A changed `model` reloads the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dg_edit.cli import UsageError, add_model_arguments, settings_from_args
+from dg_edit.config import Settings
+
+from . import completion, config, documents, inline, rewrite, stats
+from .engine_host import EngineHost, preload_imports
+from .state import DgEditServer
+
+FEATURES = (documents, config, inline, completion, rewrite, stats)
+
+
+def build_server(settings: Settings | None = None, host: EngineHost | None = None) -> DgEditServer:
+    """A server with every feature module registered (one feature per module)."""
+    server = DgEditServer(settings or Settings(), host or EngineHost())
+    for module in FEATURES:
+        module.register(server)
+    return server
+
+
+def _parse_tcp(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--tcp must be HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dg-edit lsp", description="dg-edit language server (stdio by default)")
+    parser.add_argument("--tcp", metavar="HOST:PORT", default=None, help="serve one client over TCP instead")
+    parser.add_argument("--log-file", default=None, help="append logs here instead of stderr")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    add_model_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    # Only the cheap check here (dg_edit.engine imports torch, which would delay `initialize` by
+    # seconds); the full check runs when the model loads and is reported to the editor.
+    if settings.model and not Path(settings.model).expanduser().is_dir():
+        raise UsageError(f"model directory not found: {settings.model}")
+    tcp = _parse_tcp(args.tcp) if args.tcp else None
+    target = {"filename": args.log_file} if args.log_file else {"stream": sys.stderr}
+    try:
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            **target)
+    except ValueError as e:
+        raise UsageError(f"--log-level: {e}") from None
+    logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    preload_imports()
+    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype))
+    try:
+        if tcp is not None:
+            server.start_tcp(*tcp)
+        else:
+            server.start_io()
+    finally:
+        server.host.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"dg-edit lsp: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -121,7 +121,7 @@ def parse_request(message: str | bytes) -> Request:
         raise ProtocolError(BAD_REQUEST, f"id must be a non-empty string of at most {MAX_ID_CHARS} characters, "
                                          f"got {_short(request_id)}")
     kind = data.get("type")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:
         raise ProtocolError(BAD_REQUEST, f"unknown request type {_short(kind)}; expected one of "
                                          f"{', '.join(sorted(_FIELDS))}", request_id)
     spec = _FIELDS[kind]

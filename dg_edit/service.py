@@ -165,6 +165,10 @@ class Client:
                 self._start(request)
         except ProtocolError as e:
             self._put_final(protocol.error_frame(e.code, e.message, e.request_id))
+        except Exception as e:  # a parser bug must cost one error frame, not the connection
+            log.exception("frame on connection %d could not be handled", self.number)
+            self._put_final(protocol.error_frame(protocol.BAD_REQUEST, f"frame not understood ({type(e).__name__}: "
+                                                                       f"{e})"))
 
     def _start(self, request: InfillRequest | RewriteRequest) -> None:
         if request.id in self.inflight:

@@ -1,0 +1,133 @@
+/**
+ * dg-edit for VS Code: a thin client of `dg-edit lsp`.
+ *
+ * The language server does the work (inline completions, the rewrite command, progress);
+ * vscode-languageclient wires its capabilities into VS Code. This file only starts and restarts
+ * the server from the user's settings, drops answers for document versions that are gone,
+ * animates the `dgEdit/canvas` drafts, and turns start-up failures into messages a user can act on.
+ */
+import * as vscode from "vscode";
+import {
+  DidChangeConfigurationNotification,
+  LanguageClient,
+  LanguageClientOptions,
+  ServerOptions,
+  State,
+  TransportKind,
+} from "vscode-languageclient/node";
+
+import { CanvasParams, CanvasView } from "./canvas";
+import { ServerLog } from "./log";
+import { rewriteSelection } from "./rewrite";
+import { documentSelector, launchSettings, needsRestart, SECTION, serverSettings } from "./settings";
+
+let client: LanguageClient | undefined;
+let canvas: CanvasView | undefined;
+let status: vscode.StatusBarItem;
+let log: ServerLog;
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  log = new ServerLog();
+  status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  status.name = "dg-edit";
+  status.command = "dgEdit.showOutput";
+  status.show();
+  canvas = new CanvasView(status);
+  context.subscriptions.push(
+    log,
+    status,
+    canvas,
+    vscode.commands.registerCommand("dgEdit.rewriteSelection", () => rewriteSelection(client)),
+    vscode.commands.registerCommand("dgEdit.restartServer", () => restart()),
+    vscode.commands.registerCommand("dgEdit.showOutput", () => log.show()),
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (!e.affectsConfiguration(SECTION)) return;
+      if (needsRestart(e)) void restart();
+      else if (client?.isRunning()) {
+        void client.sendNotification(DidChangeConfigurationNotification.type, { settings: serverSettings() });
+      }
+    }),
+  );
+  await start();
+}
+
+export async function deactivate(): Promise<void> {
+  await stop();
+}
+
+function setStatus(text: string, tooltip: string): void {
+  status.text = text;
+  status.tooltip = tooltip;
+}
+
+async function start(): Promise<void> {
+  const launch = launchSettings();
+  const serverOptions: ServerOptions = {
+    command: launch.command,
+    args: launch.args,
+    transport: TransportKind.stdio,
+  };
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: documentSelector(),
+    initializationOptions: serverSettings(),
+    outputChannel: log.channel,
+    stdioOptions: log.stdioOptions,
+    middleware: {
+      // Answers computed for an older version of the document describe text that is gone.
+      async provideInlineCompletionItems(document, position, context, token, next) {
+        const version = document.version;
+        const result = await next(document, position, context, token);
+        return document.version === version && !token.isCancellationRequested ? result : null;
+      },
+      async provideCompletionItem(document, position, context, token, next) {
+        const version = document.version;
+        const result = await next(document, position, context, token);
+        return document.version === version && !token.isCancellationRequested ? result : null;
+      },
+    },
+  };
+  const next = new LanguageClient("dgEdit", "dg-edit", serverOptions, clientOptions);
+  client = next;
+  next.onDidChangeState((e) => {
+    if (e.newState === State.Running) setStatus("$(sparkle) dg-edit", "dg-edit: language server running");
+    if (e.newState === State.Stopped) setStatus("$(error) dg-edit", "dg-edit: language server stopped (click for the log)");
+  });
+  setStatus("$(loading~spin) dg-edit", "dg-edit: starting the language server");
+  const cmdline = [launch.command, ...launch.args].join(" ");
+  try {
+    await next.start();
+  } catch (err) {
+    client = undefined;
+    reportStartFailure(cmdline, err);
+    return;
+  }
+  next.onNotification("dgEdit/canvas", (params: CanvasParams) => canvas?.update(params));
+}
+
+/** Explain why the server did not start, with the server's own last words when it printed any. */
+function reportStartFailure(cmdline: string, err: unknown): void {
+  setStatus("$(error) dg-edit", "dg-edit: language server failed to start (click for the log)");
+  const reason = err instanceof Error ? err.message : String(err);
+  const notFound = /ENOENT/.test(reason);
+  const detail = notFound
+    ? `“${cmdline}” was not found. Install dg-edit (pip install dg-edit) or set dgEdit.command to its full path.`
+    : `“${cmdline}” stopped: ${log.lastLines(3) || reason}`;
+  log.channel.error(detail);
+  void vscode.window.showErrorMessage(`dg-edit: ${detail}`, "Open Settings", "Show Log").then((choice) => {
+    if (choice === "Open Settings") void vscode.commands.executeCommand("workbench.action.openSettings", SECTION);
+    if (choice === "Show Log") log.show();
+  });
+}
+
+async function stop(): Promise<void> {
+  const current = client;
+  client = undefined;
+  canvas?.clear();
+  if (current?.needsStop()) await current.stop();
+}
+
+async function restart(): Promise<void> {
+  await stop();
+  log.clearTail();
+  await start();
+}

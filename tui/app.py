@@ -188,7 +188,7 @@ class DgEditApp(App[int]):
             else:
                 self.say(problem.message, error=True)
                 self.push_screen(MessageScreen("Cannot open this file", problem.message, "Quit"),
-                                 lambda _: self.exit(2))
+                                 lambda _: self.exit(2, return_code=2))
             return
         self._set_buffer(loaded.text, loaded.fingerprint)
         if self.editor.text != loaded.text:
@@ -202,7 +202,7 @@ class DgEditApp(App[int]):
             self._set_buffer("", None)
             self.say("new file: it is created when you save (ctrl+s)")
         else:
-            self.exit(2)
+            self.exit(2, return_code=2)
 
     def _set_buffer(self, text: str, fingerprint: files.Fingerprint | None) -> None:
         self.editor.load_text(text)
@@ -289,14 +289,14 @@ class DgEditApp(App[int]):
         tok = getattr(self.engine, "tokenizer", None)
         return [tok.decode([i]) for i in ids] if tok is not None else ["?" for _ in ids]
 
-    def _suffix_head(self, suffix: str) -> int:
-        """How many suffix tokens the engine clamps at the end of the canvas (for the canvas panel)."""
+    def _suffix_head(self, suffix: str) -> tuple[int, ...]:
+        """The suffix tokens the engine may clamp at the end of the canvas (the canvas panel marks them)."""
         tok = getattr(self.engine, "tokenizer", None)
         settings = getattr(self.engine, "settings", None)
         if tok is None or settings is None or not suffix:
-            return 0
+            return ()
         n = settings.suffix_head_tokens
-        return len(tok.encode(suffix[: max(n, 1) * 16], add_special_tokens=False)[:n])
+        return tuple(tok.encode(suffix[: max(n, 1) * 16], add_special_tokens=False)[:n])
 
     def _can_start(self) -> bool:
         if self.engine is None:
@@ -347,7 +347,7 @@ class DgEditApp(App[int]):
     def _start(self, kind: str, suffix: str, make_events: Callable[[], Iterator[Step | Done]]) -> None:
         self._request_ids += 1
         self.request = Request(id=self._request_ids, kind=kind, suffix=suffix)
-        self.canvas_panel.clamped = self._suffix_head(suffix)
+        self.canvas_panel.suffix_head = self._suffix_head(suffix)
         self.phase = f"{kind}: denoising"
         self.status.progress = ""
         self.say("escape cancels")
@@ -385,9 +385,10 @@ class DgEditApp(App[int]):
         if isinstance(event, Step):
             editor.show_segments(step_segments(event))
             self.canvas_panel.step = event
-            done_tokens = len(event.ids)
-            self.status.progress = (f"step {event.index}/{event.total} · {done_tokens / max(event.index, 1):.2f} "
-                                    f"tok/fwd · {event.ms:.0f} ms")
+            # tokens so far / forwards so far: Done's tokens_per_forward if the request stopped here
+            accepted = sum(t.accepted for t in event.tokens)
+            self.status.progress = (f"step {event.index}/{event.total} · {len(event.ids) / max(event.index, 1):.2f} "
+                                    f"tok/fwd · {accepted}/{len(event.tokens)} accepted · {event.ms:.0f} ms")
             return
         self.request = None
         proposal = editor.proposal

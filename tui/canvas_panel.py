@@ -27,6 +27,19 @@ def cell_text(token_text: str) -> str:
     return shown.ljust(CELL - 1) + " "
 
 
+def clamped_count(step: Step, suffix_head: Sequence[int]) -> int:
+    """How many canvas positions at the end hold the clamped suffix head (0 when this block has none).
+
+    A block that is not the last one of a long middle carries no suffix, so the tail is checked
+    against the suffix's own tokens rather than assumed.
+    """
+    k = len(suffix_head)
+    n = len(step.canvas)
+    if k and n >= len(step.tokens) + k and tuple(step.canvas[n - k:]) == tuple(suffix_head):
+        return k
+    return 0
+
+
 def cell_states(step: Step, clamped: int) -> list[str]:
     """One state per canvas position: settled, noise (renoised this step), slack, clamped."""
     n = len(step.canvas)
@@ -51,27 +64,28 @@ class CanvasPanel(Static):
     def __init__(self, decode: Callable[[Sequence[int]], list[str]] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.decode = decode  # ids -> one text per id (None: the canvas ids are not available)
-        self.clamped = 0  # how many positions at the end of the canvas are the clamped suffix
+        self.suffix_head: tuple[int, ...] = ()  # the suffix tokens the engine may clamp at the canvas end
 
     def watch_step(self, step: Step | None) -> None:
         self.update(self.render_step(step))
 
     def render_step(self, step: Step | None) -> Text:
-        title = self.get_component_rich_style("canvas--title", partial=True)
+        title = self.get_component_rich_style("canvas--title")
         if step is None:
             return Text("canvas: no request yet — press ctrl+space (or f2) to infill", style=title)
         accepted = sum(t.accepted for t in step.tokens)
+        clamped = clamped_count(step, self.suffix_head)
         out = Text(f"canvas  step {step.index}/{step.total}  ·  {accepted}/{len(step.tokens)} middle tokens "
-                   f"accepted  ·  {len(step.canvas)} positions ({self.clamped} clamped suffix)\n", style=title)
+                   f"accepted  ·  {len(step.canvas)} positions ({clamped} clamped suffix)\n", style=title)
         if not step.canvas or self.decode is None:
             ids_text = [t.text for t in step.tokens]
             states = ["settled" if t.accepted else "noise" for t in step.tokens]
         else:
             ids_text = self.decode(step.canvas)
-            states = cell_states(step, self.clamped)
+            states = cell_states(step, clamped)
         width = max(1, (self.content_size.width or 80) // CELL)
         for i, (text, state) in enumerate(zip(ids_text, states)):
             if i and i % width == 0:
                 out.append("\n")
-            out.append(cell_text(text), style=self.get_component_rich_style(f"canvas--{state}", partial=True))
+            out.append(cell_text(text), style=self.get_component_rich_style(f"canvas--{state}"))
         return out

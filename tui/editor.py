@@ -88,6 +88,7 @@ class EditorArea(TextArea):
         self.proposal = Proposal(kind=kind, start=start, original_end=end, original=self.get_text_range(start, end),
                                  selection_before=self.selection, end=end)
         self.read_only = True
+        self.highlight_cursor_line = False  # its background would paint over the proposal's
         return self.proposal
 
     def show_segments(self, segments: Sequence[Segment]) -> None:
@@ -129,6 +130,7 @@ class EditorArea(TextArea):
         self.proposal = None
         self._spans = {}
         self.read_only = False
+        self.highlight_cursor_line = True
         self.notify_style_update()
         self.refresh()
         return p
@@ -149,7 +151,7 @@ class EditorArea(TextArea):
         """TextArea's documented hook for extra styling: paint the proposal region of this line."""
         line = super().get_line(line_index)
         for col0, col1, style in self._spans.get(line_index, ()):
-            line.stylize(self.get_component_rich_style(f"proposal--{style}", partial=True), col0,
+            line.stylize(self.get_component_rich_style(f"proposal--{style}"), col0,
                          len(line.plain) if col1 is None else col1)
         return line
 

@@ -23,13 +23,13 @@ class StatusLine(Static):
     def render(self) -> Text:
         style = self.get_component_rich_style
         out = Text(no_wrap=True, overflow="ellipsis")
-        out.append(self.file_label, style=style("status--file", partial=True))
+        out.append(self.file_label, style=style("status--file"))
         if self.dirty:
-            out.append(" [+]", style=style("status--dirty", partial=True))
+            out.append(" [+]", style=style("status--dirty"))
         if self.phase:
-            out.append(f"  {self.phase}", style=style("status--phase", partial=True))
+            out.append(f"  {self.phase}", style=style("status--phase"))
         if self.progress:
-            out.append(f"  {self.progress}", style=style("status--progress", partial=True))
+            out.append(f"  {self.progress}", style=style("status--progress"))
         if self.message:
-            out.append(f"  {self.message}", style=style("status--error", partial=True) if self.error else "")
+            out.append(f"  {self.message}", style=style("status--error") if self.error else "")
         return out

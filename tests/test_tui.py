@@ -1,0 +1,529 @@
+"""The TUI driven like a person drives it: Textual's pilot presses keys in the real app, which runs
+the real model (the `engine` fixture) in its workers. Every test checks what the user would see
+and what ends up in the buffer and on disk."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from dg_edit import Step
+from dg_edit.tui.app import DgEditApp
+from dg_edit.tui.dialogs import ConfirmScreen, MessageScreen, RewriteScreen
+
+pytestmark = pytest.mark.timeout(120)
+
+SOURCE = 'import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef main():\n    print(add(1, 2))\n'
+SIZE = (110, 32)
+
+
+@pytest.fixture
+def source_file(tmp_path) -> Path:
+    p = tmp_path / "example.py"
+    p.write_text(SOURCE, encoding="utf-8")
+    return p
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0, what: str = "condition") -> None:
+    """Let the app run until `condition()` holds (model work happens in a thread)."""
+    loop_time = 0.0
+    while not condition():
+        if loop_time > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+        loop_time += 0.05
+
+
+async def infill_at(pilot, app: DgEditApp, location, key: str = "ctrl+space") -> None:
+    app.editor.move_cursor(location)
+    await pilot.press(key)
+    await wait_for(pilot, lambda: app.editor.proposal is not None and app.editor.proposal.final is not None
+                   or app.editor.proposal is None and app.request is None, what="the model to finish")
+
+
+class GatedEngine:
+    """The real engine, but each Step waits until the test lets it through: the test can look at the
+    screen between steps, and cancel in the middle of a request."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.settings = engine.settings
+        self.gate = threading.Semaphore(0)
+        self.steps_sent = 0
+        self.closed = threading.Event()
+
+    def _gated(self, events):
+        try:
+            for event in events:
+                if isinstance(event, Step):
+                    if not self.gate.acquire(timeout=60):
+                        raise TimeoutError("test never released the step")
+                    self.steps_sent += 1
+                yield event
+        finally:
+            self.closed.set()
+
+    def stream(self, *args, **kwargs):
+        return self._gated(self.engine.stream(*args, **kwargs))
+
+    def stream_rewrite(self, *args, **kwargs):
+        return self._gated(self.engine.stream_rewrite(*args, **kwargs))
+
+
+class FailingEngine:
+    """The real engine, failing after `after` denoising steps as a broken model would."""
+
+    def __init__(self, engine, after: int = 2):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.settings = engine.settings
+        self.after = after
+        self.steps_sent = 0
+
+    def _failing(self, events):
+        for event in events:
+            if self.steps_sent == self.after:
+                raise RuntimeError("simulated failure in the middle of the canvas")
+            self.steps_sent += 1
+            yield event
+
+    def stream(self, *args, **kwargs):
+        return self._failing(self.engine.stream(*args, **kwargs))
+
+    def stream_rewrite(self, *args, **kwargs):
+        return self._failing(self.engine.stream_rewrite(*args, **kwargs))
+
+
+def split(text: str, row: int, col: int) -> tuple[str, str]:
+    lines = text.split("\n")
+    offset = sum(len(line) + 1 for line in lines[:row]) + col
+    return text[:offset], text[offset:]
+
+
+# ---------------------------------------------------------------------------------------------- infill
+async def test_infill_refines_in_place_step_by_step_and_tab_accepts(source_file, engine):
+    gated = GatedEngine(engine)
+    app = DgEditApp(source_file, engine=gated)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.move_cursor((4, 16))  # end of "return a + b"
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: app.request is not None, what="the request to start")
+        assert app.phase == "infill: denoising"
+        drafts = []
+        for _ in range(3):  # look at the screen after each of the first steps (fewer if the model stops early)
+            gated.gate.release()
+            n = len(drafts) + 1
+            await wait_for(pilot, lambda: app.status.progress.startswith(f"step {n}/")
+                           or editor.proposal.final is not None, what=f"step {n}")
+            if editor.proposal.final is not None:
+                break
+            proposal = editor.proposal
+            drafts.append(editor.get_text_range(proposal.start, proposal.end))
+            # the draft is in place, but the user's text is untouched and nothing is saved
+            assert editor.committed_text() == SOURCE
+            assert editor.text.startswith(split(SOURCE, 4, 16)[0])
+            assert editor.text.endswith(split(SOURCE, 4, 16)[1])
+            assert "tok/fwd" in app.status.progress and " ms" in app.status.progress
+        assert drafts, "no step was shown before the result"
+        for _ in range(200):
+            gated.gate.release()
+        await wait_for(pilot, lambda: editor.proposal.final is not None, what="Done")
+        final = editor.proposal.final
+        assert app.phase == "infill: review"
+        assert "steps" in app.status.progress and "tok/fwd" in app.status.progress
+        assert not app.dirty
+        await pilot.press("tab")
+        await pilot.pause()
+        prefix, suffix = split(SOURCE, 4, 16)
+        assert editor.proposal is None
+        assert editor.text == prefix + final + suffix
+        assert app.dirty == (final != "")
+        assert source_file.read_text() == SOURCE  # accepting does not save
+
+
+async def test_reject_restores_the_buffer_exactly(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.move_cursor((7, 0))
+        await infill_at(pilot, app, (7, 4), key="f2")
+        assert editor.proposal is not None and editor.proposal.final
+        assert editor.text != SOURCE  # the proposal is on screen
+        await pilot.press("escape")
+        await pilot.pause()
+        assert editor.proposal is None
+        assert editor.text == SOURCE
+        assert editor.selection.end == (7, 4)
+        assert not app.dirty
+        assert app.status.message == "proposal rejected"
+
+
+async def test_ctrl_z_undoes_an_accepted_proposal(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        await pilot.press("x")  # the user's own edit before the proposal stays in history
+        typed = editor.text
+        await infill_at(pilot, app, (4, 16))
+        await pilot.press("tab")
+        await pilot.pause()
+        assert editor.text != typed
+        await pilot.press("ctrl+z")
+        await pilot.pause()
+        assert editor.text == typed  # one undo takes back exactly the proposal
+        await pilot.press("ctrl+z")
+        await pilot.pause()
+        assert editor.text == SOURCE
+
+
+async def test_cancel_while_denoising_restores_buffer_and_stops_the_model(source_file, engine):
+    gated = GatedEngine(engine)
+    app = DgEditApp(source_file, engine=gated)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.move_cursor((4, 16))
+        await pilot.press("ctrl+space")
+        gated.gate.release()
+        await wait_for(pilot, lambda: app.status.progress.startswith("step 1/"), what="the first step")
+        assert editor.text != SOURCE
+        await pilot.press("escape")
+        await pilot.pause()
+        assert editor.text == SOURCE
+        assert editor.proposal is None
+        assert "cancelled" in app.status.message
+        gated.gate.release()  # the worker sees the cancellation at its next event and closes the stream
+        await wait_for(pilot, gated.closed.is_set, what="the engine stream to close")
+        await pilot.pause(0.2)
+        assert gated.steps_sent <= 2
+        assert editor.text == SOURCE
+
+
+async def test_typing_is_refused_while_a_proposal_is_pending(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        await infill_at(pilot, app, (4, 16))
+        shown = editor.text
+        await pilot.press("a", "b", "backspace", "enter")
+        await pilot.pause()
+        assert editor.text == shown
+        assert editor.committed_text() == SOURCE
+
+
+async def test_canvas_panel_toggles_and_shows_the_canvas(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.canvas_panel
+        assert not panel.display
+        await pilot.press("f3")
+        assert panel.display
+        await infill_at(pilot, app, (4, 16))
+        step = panel.step
+        assert isinstance(step, Step) and step.canvas
+        shown = str(panel.render_step(step))
+        assert f"step {step.index}/{step.total}" in shown
+        assert f"{len(step.canvas)} positions" in shown
+        await pilot.press("f3")
+        assert not panel.display
+
+
+# ---------------------------------------------------------------------------------------------- rewrite
+async def test_rewrite_shows_a_diff_then_tab_applies_and_ctrl_z_undoes(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.selection = ((3, 0), (4, 16))
+        original = editor.selected_text
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert isinstance(app.screen, RewriteScreen)
+        await pilot.press(*"add docs")
+        strength = app.screen.query_one("#strength")
+        strength.value = "1"
+        strength.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: editor.proposal is not None and editor.proposal.final is not None
+                       or app.request is None and editor.proposal is None, what="the rewrite")
+        proposal = editor.proposal
+        assert proposal.kind == "rewrite" and proposal.original == original
+        assert app.phase == "rewrite: review"
+        assert "chars" in app.status.progress  # +inserted −deleted
+        assert editor.committed_text() == SOURCE
+        final = proposal.final
+        await pilot.press("tab")
+        await pilot.pause()
+        prefix, rest = SOURCE.split(original, 1)
+        assert editor.text == prefix + final + rest
+        await pilot.press("ctrl+z")
+        await pilot.pause()
+        assert editor.text == SOURCE
+
+
+async def test_rewrite_with_strength_zero_keeps_the_selection(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.selection = ((3, 4), (3, 7))
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        app.screen.query_one("#strength").value = "0"
+        app.screen.query_one("#strength").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: editor.proposal is not None and editor.proposal.final is not None,
+                       what="the rewrite")
+        assert editor.proposal.final == "add"
+        await pilot.press("tab")
+        await pilot.pause()
+        assert editor.text == SOURCE
+        assert not app.dirty
+
+
+async def test_rewrite_dialog_rejects_a_bad_strength_and_escape_cancels(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.selection = ((3, 0), (3, 7))
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#strength").value = "2"
+        screen.query_one("#strength").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen is screen  # still asking
+        assert "between 0 and 1" in str(screen.query_one("#rewrite-error").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, RewriteScreen)
+        assert editor.proposal is None and editor.text == SOURCE
+
+
+async def test_rewrite_without_selection_says_what_to_do(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert not isinstance(app.screen, RewriteScreen)
+        assert "select" in app.status.message
+
+
+# ---------------------------------------------------------------------------------------------- model errors
+async def test_model_failing_mid_canvas_leaves_the_buffer_identical(source_file, engine):
+    failing = FailingEngine(engine, after=2)
+    app = DgEditApp(source_file, engine=failing)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.move_cursor((4, 16))
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: "model error" in app.status.message, what="the error")
+        assert failing.steps_sent == 2  # it did fail in the middle, after drafts were shown
+        assert editor.text == SOURCE
+        assert editor.proposal is None and not app.dirty
+        assert "simulated failure" in app.status.message and app.status.error
+        assert app.phase == "ready"
+        # the editor is usable again
+        await pilot.press("z")
+        assert editor.text != SOURCE
+
+
+async def test_model_failing_during_rewrite_leaves_the_buffer_identical(source_file, engine):
+    app = DgEditApp(source_file, engine=FailingEngine(engine, after=1))
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        editor.selection = ((3, 0), (4, 16))
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        app.screen.query_one("#strength").value = "1"
+        app.screen.query_one("#strength").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "model error" in app.status.message, what="the error")
+        assert editor.text == SOURCE
+        assert editor.selection == ((3, 0), (4, 16))
+
+
+async def test_bad_request_is_reported_not_raised(tmp_path, engine):
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    app = DgEditApp(empty, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: "model error" in app.status.message, what="the error")
+        assert "empty" in app.status.message
+        assert app.editor.text == "" and app.editor.proposal is None
+
+
+async def test_model_that_fails_to_load_is_shown_and_the_file_stays_editable(source_file):
+    def load():
+        raise FileNotFoundError("model directory not found: /nowhere")
+
+    app = DgEditApp(source_file, load_engine=load)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "no model", what="the load failure")
+        assert "/nowhere" in app.status.message
+        await pilot.press("ctrl+space")
+        assert app.editor.proposal is None
+        await pilot.press("q")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert source_file.read_text() == "q" + SOURCE
+
+
+# ---------------------------------------------------------------------------------------------- saving
+async def test_save_is_atomic_keeps_the_mode_and_never_writes_a_proposal(source_file, engine):
+    source_file.chmod(0o640)
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        await pilot.press("#", " ", "h", "i", "enter")
+        assert app.dirty
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert source_file.read_text() == "# hi\n" + SOURCE
+        assert stat.S_IMODE(source_file.stat().st_mode) == 0o640
+        assert not app.dirty and "saved" in app.status.message
+        assert sorted(os.listdir(source_file.parent)) == ["example.py"]  # no temporary file left behind
+        # save while a proposal is pending: only the user's text goes to disk
+        await infill_at(pilot, app, (5, 16))
+        assert editor.text != editor.committed_text()
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert source_file.read_text() == "# hi\n" + SOURCE
+        assert "not saved" in app.status.message  # "(the pending proposal was not saved)"
+        await pilot.press("tab")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert source_file.read_text() == editor.text
+        assert stat.S_IMODE(source_file.stat().st_mode) == 0o640
+
+
+async def test_save_follows_a_symlink(tmp_path, engine):
+    target = tmp_path / "real.py"
+    target.write_text(SOURCE)
+    link = tmp_path / "link.py"
+    link.symlink_to(target)
+    app = DgEditApp(link, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x", "ctrl+s")
+        await pilot.pause()
+    assert link.is_symlink()
+    assert target.read_text() == "x" + SOURCE
+
+
+async def test_save_asks_before_overwriting_a_file_changed_on_disk(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x")
+        source_file.write_text("someone else's edit\n")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "changed on disk" in app.screen.question
+        await pilot.click("#choice-cancel")
+        await pilot.pause()
+        assert source_file.read_text() == "someone else's edit\n"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await pilot.click("#choice-overwrite")
+        await pilot.pause()
+        assert source_file.read_text() == "x" + SOURCE
+        await pilot.press("y", "ctrl+s")  # the new version on disk is ours now: no question
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert source_file.read_text() == "xy" + SOURCE
+
+
+# ---------------------------------------------------------------------------------------------- quitting
+async def test_quit_without_changes_exits_at_once(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+async def test_quit_with_unsaved_changes_asks_first(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x", "ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and "unsaved" in app.screen.question
+        await pilot.press("escape")  # cancel: back to the editor, nothing lost
+        await pilot.pause()
+        assert app.is_running and app.editor.text == "x" + SOURCE
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.click("#choice-discard")
+        await pilot.pause()
+    assert app.return_code == 0
+    assert source_file.read_text() == SOURCE
+
+
+async def test_quit_can_save_first(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x", "ctrl+q")
+        await pilot.pause()
+        await pilot.click("#choice-save")
+        await pilot.pause()
+    assert source_file.read_text() == "x" + SOURCE
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+@pytest.mark.parametrize("content,expected", [
+    (b"caf\xe9 = 1\n", "not UTF-8"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00", "binary"),
+])
+async def test_unreadable_files_get_a_clear_message(tmp_path, content, expected):
+    p = tmp_path / "bad.py"
+    p.write_bytes(content)
+    app = DgEditApp(p)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, MessageScreen)
+        assert expected in app.screen.message and str(p) in app.screen.message
+        await pilot.press("enter")
+        await pilot.pause()
+    assert app.return_code == 2
+    assert p.read_bytes() == content
+
+
+async def test_directory_gets_a_clear_message(tmp_path):
+    app = DgEditApp(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, MessageScreen)
+        assert "is a directory" in app.screen.message
+        await pilot.press("enter")
+        await pilot.pause()
+    assert app.return_code == 2
+
+
+async def test_missing_file_offers_to_create_it(tmp_path, engine):
+    p = tmp_path / "new.py"
+    app = DgEditApp(p, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and "does not exist" in app.screen.question
+        await pilot.click("#choice-create")
+        await pilot.pause()
+        assert not p.exists()  # created on save, not before
+        await pilot.press("d", "e", "f", "ctrl+s")
+        await pilot.pause()
+    assert p.read_text() == "def"
+    assert stat.S_IMODE(p.stat().st_mode) & 0o600 == 0o600
+
+
+async def test_missing_file_declined_exits(tmp_path):
+    p = tmp_path / "new.py"
+    app = DgEditApp(p)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.click("#choice-quit")
+        await pilot.pause()
+    assert app.return_code == 2 and not p.exists()

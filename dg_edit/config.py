@@ -118,6 +118,7 @@ class Settings:
     | max_prefix_tokens | 2048 | prefix window, cut on the left |
     | max_suffix_tokens | 512 | suffix window, cut on the right |
     | suffix_head_tokens | 16 | suffix tokens clamped into the canvas |
+    | prefix_chunk | 64 | encoder chunk (absolute positions) for bitwise-identical prefix-cache reuse |
     | debounce_ms | 150 | editor plug-ins wait this long after a keystroke |
     | host / port | 127.0.0.1 / 8765 | websocket service address |
     | max_message_bytes | 1 MiB | largest websocket frame accepted |
@@ -133,6 +134,7 @@ class Settings:
     max_prefix_tokens: int = 2048
     max_suffix_tokens: int = 512
     suffix_head_tokens: int = 16
+    prefix_chunk: int = 64
     debounce_ms: int = 150
     host: str = "127.0.0.1"
     port: int = 8765
@@ -142,7 +144,8 @@ class Settings:
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "candidates", "max_prefix_tokens", "max_message_bytes", "max_inflight"):
+        for name in ("max_new_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
+                     "max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0:

@@ -37,7 +37,7 @@ from . import sampler
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
-from .prefix_cache import PrefixCache, encode_prefix
+from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
 _MAX_SESSIONS = 8
@@ -330,7 +330,10 @@ class Engine:
         # 1.a Encode the prefix (reusing this document's cache).
         with self._lock, torch.inference_mode():
             entry = self._sessions.get(request.session) if request.session is not None else None
-            cache, entry, n_encoded = encode_prefix(model, request.prefix_ids, entry)
+            # Sessions encode in position-aligned chunks (warm == cold, bitwise); one-off requests in one
+            # pass, as generate does.
+            chunk = self.settings.prefix_chunk if request.session is not None else None
+            cache, entry, n_encoded = encode_prefix(model, request.prefix_ids, entry, chunk)
             if request.session is not None:
                 self._sessions[request.session] = entry
                 self._sessions.move_to_end(request.session)
@@ -371,7 +374,7 @@ class Engine:
             if not ended and len(middle) < request.max_new_tokens:
                 # 1.f Encode this block so the next canvas continues after it.
                 with self._lock, torch.inference_mode():
-                    cache = _extend_cache(model, cache, take, cur_len)
+                    encode_chunk(model, cache, take, cur_len)
                 cur_len += len(take)
         text_ids = middle
         text = ""
@@ -591,20 +594,3 @@ def _sampling_from_generation_config(model) -> SamplingConfig:
     if sc is not None:
         values["entropy_bound"] = sc["entropy_bound"] if isinstance(sc, dict) else sc.entropy_bound
     return SamplingConfig().replace(**values)
-
-
-def _extend_cache(model, cache, ids: list[int], cur_len: int):
-    """Encode a finished block after the prefix (1.f), as the reference does before the next canvas."""
-    device = model.device
-    n = len(ids)
-    if n == 0:
-        return cache
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    position_ids = torch.arange(cur_len, cur_len + n, dtype=torch.int32, device=device).unsqueeze(0)
-    attention_mask = torch.ones((1, cur_len + n), dtype=torch.bool, device=device)
-    dummy = torch.empty((1, n, 0), dtype=model.dtype, device=device)
-    masks = model.model.encoder.create_masks_for_generate(
-        config=model.config, inputs_embeds=dummy, attention_mask=attention_mask, past_key_values=cache,
-        position_ids=position_ids)
-    model.model.encoder(input_ids=input_ids, attention_mask=masks, past_key_values=cache, position_ids=position_ids)
-    return cache

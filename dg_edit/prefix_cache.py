@@ -57,37 +57,32 @@ def cache_from_states(text_config, keys: list[torch.Tensor], values: list[torch.
 
 
 def encode_prefix(
-    model, prefix_ids: list[int], entry: PrefixCache | None
+    model, prefix_ids: list[int], entry: PrefixCache | None, chunk: int | None = 64
 ) -> tuple[DynamicCache, PrefixCache, int]:
     """Encode `prefix_ids`, reusing `entry` up to the longest common prefix.
+
+    The encoder always runs over chunks that start at multiples of `chunk` (absolute positions), so
+    a warm request computes every state with exactly the same shapes and inputs as a cold one: the
+    results are bitwise identical with and without the cache. `chunk=None` encodes the whole prefix in
+    one pass, exactly as `model.generate` does (used for requests without a session).
 
     Returns `(cache, new_entry, n_encoded)`: a `DynamicCache` for the decoder (batch 1), the entry to
     keep for the next request, and how many tokens went through the encoder this time.
     """
     text_config = model.config.get_text_config(decoder=True)
     device = model.device
-    reuse = 0 if entry is None else common_prefix_length(entry.ids, prefix_ids)
-    if entry is not None and reuse == len(prefix_ids) and reuse > 0:
-        # Identical prefix: nothing to encode. Keep the entry as it is (it may hold a longer prefix).
-        return cache_from_states(text_config, entry.keys, entry.values, reuse), entry, 0
+    if entry is not None and entry.ids == list(prefix_ids):
+        # Identical prefix: nothing to encode.
+        return cache_from_states(text_config, entry.keys, entry.values, len(prefix_ids)), entry, 0
+    lcp = 0 if entry is None else common_prefix_length(entry.ids, prefix_ids)
+    step = chunk or max(len(prefix_ids), 1)
+    reuse = (lcp // step) * step if chunk else 0
     cache = cache_from_states(text_config, entry.keys if entry else [], entry.values if entry else [], reuse)
     new_ids = prefix_ids[reuse:]
     n_new = len(new_ids)
     cache.activate_past_recording()  # sliding layers keep the new states until `crop(0)` below
-    input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)  # [1, n_new]
-    position_ids = torch.arange(reuse, reuse + n_new, dtype=torch.int32, device=device).unsqueeze(0)
-    attention_mask = torch.ones((1, reuse + n_new), dtype=torch.bool, device=device)
-    dummy_embeds = torch.empty((1, n_new, 0), dtype=model.dtype, device=device)
-    mask_mapping = model.model.encoder.create_masks_for_generate(
-        config=model.config,
-        inputs_embeds=dummy_embeds,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
-    model.model.encoder(
-        input_ids=input_ids, attention_mask=mask_mapping, past_key_values=cache, position_ids=position_ids
-    )
+    for start in range(reuse, len(prefix_ids), step):
+        encode_chunk(model, cache, prefix_ids[start : start + step], start)
     keys, values = [], []
     for i, layer in enumerate(cache.layers):
         new_k = layer.keys[..., -n_new:, :]
@@ -103,3 +98,19 @@ def encode_prefix(
         if layer.is_sliding:
             layer.record_past = False
     return cache, PrefixCache(ids=list(prefix_ids), keys=keys, values=values), n_new
+
+
+def encode_chunk(model, cache: DynamicCache, ids: list[int], start: int) -> None:
+    """Run the encoder over `ids` at positions start.., appending their states to `cache` (1.a / 1.f)."""
+    device = model.device
+    n = len(ids)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, n]
+    position_ids = torch.arange(start, start + n, dtype=torch.int32, device=device).unsqueeze(0)
+    attention_mask = torch.ones((1, start + n), dtype=torch.bool, device=device)
+    dummy_embeds = torch.empty((1, n, 0), dtype=model.dtype, device=device)
+    mask_mapping = model.model.encoder.create_masks_for_generate(
+        config=model.config, inputs_embeds=dummy_embeds, attention_mask=attention_mask, past_key_values=cache,
+        position_ids=position_ids,
+    )
+    model.model.encoder(input_ids=input_ids, attention_mask=mask_mapping, past_key_values=cache,
+                        position_ids=position_ids)

@@ -30,8 +30,13 @@ def initial_canvas(
 
 
 def temperature_scale(logits: torch.Tensor, steps_remaining: int, cfg: SamplingConfig) -> torch.Tensor:
-    """Linear schedule t_max (first step) → t_min (last step).  logits: [B, L, V]"""
-    temperature = cfg.t_min + ((cfg.t_max - cfg.t_min) * (steps_remaining / cfg.max_denoising_steps))
+    """Linear schedule t_max (first step) → t_min (last step).  logits: [B, L, V]
+
+    The step counter is a 0-d int32 tensor as in the reference, so the temperature is computed in
+    float32 exactly as there (a float64 temperature flips rare multinomial draws).
+    """
+    steps = torch.tensor(steps_remaining, dtype=torch.int32, device=logits.device)
+    temperature = cfg.t_min + ((cfg.t_max - cfg.t_min) * (steps / cfg.max_denoising_steps))
     return logits / temperature
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,21 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+def dg_edit_command() -> list[str]:
+    """The `dg-edit` console script of this Python environment, as a user would run it.
+
+    (Not `python -m dg_edit.cli`: that runs cli.py as `__main__`, a second copy of the module whose
+    `UsageError` is not the one the front ends raise.)
+    """
+    script = Path(sys.executable).with_name("dg-edit")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("dg-edit")
+    if found is None:
+        raise FileNotFoundError("the dg-edit console script is not installed: pip install -e .")
+    return [found]
+
 
 _LISTENING = re.compile(r"listening on http://(?P<host>[^/\s]+):(?P<port>\d+)/")
 
@@ -35,7 +51,7 @@ class ServeProcess:
         self.log_path = Path(self._log.name)
 
     def start(self) -> "ServeProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "dg_edit.cli", "serve", *self.args],
+        self.proc = subprocess.Popen([*dg_edit_command(), "serve", *self.args],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
         return self

@@ -51,6 +51,15 @@ def test_parity_with_eos(seed):
     assert 3 not in got.ids
 
 
+def test_parity_at_realistic_vocabulary():
+    """A float32 temperature and the reference's random calls matter once the vocabulary is large."""
+    model = tiny_model(seed=12, canvas_length=32, vocab_size=8192, hidden_size=64, head_dim=32, global_head_dim=32)
+    engine = Engine(model)
+    prompt = torch.randint(3, 8192, (1, 300), generator=torch.Generator().manual_seed(12))
+    assert list(engine.infill_ids(prompt[0].tolist(), max_new_tokens=64, seed=12).ids) == \
+        reference_ids(model, prompt, 64, 12)
+
+
 def test_parity_with_custom_sampling():
     model = tiny_model(seed=3, canvas_length=16)
     engine = Engine(model)
@@ -141,20 +150,20 @@ def test_prefix_cache_identical_results_and_reencodes_only_the_tail():
     model, tok = tiny_pair(seed=7, canvas_length=32, sliding_window=32)
     engine = Engine(model, tok)
     base = "".join(f"value_{i} = compute({i}, 'x')\n" for i in range(60))
-    cold = Engine(model, tok)
+    cold = Engine(model, tok)  # "without the cache": a fresh engine, so a cold session
     engine.infill(base, "\n", max_new_tokens=8, seed=1, session="doc")
     first_len = engine.last_prefix_len
     typed = base + "result = val"
     warm = engine.infill(typed, "\n", max_new_tokens=8, seed=2, session="doc")
     assert engine.last_encoded < 0.1 * engine.last_prefix_len
     assert engine.last_prefix_len > first_len
-    reference = cold.infill(typed, "\n", max_new_tokens=8, seed=2)
+    reference = cold.infill(typed, "\n", max_new_tokens=8, seed=2, session="doc")
     assert cold.last_encoded == cold.last_prefix_len
     assert warm == reference
     # Editing earlier in the file (not just appending) still gives the uncached answer.
     edited = typed.replace("value_50", "renamed_50")
     warm2 = engine.infill(edited, "\n", max_new_tokens=8, seed=3, session="doc")
-    assert warm2 == cold.infill(edited, "\n", max_new_tokens=8, seed=3)
+    assert warm2 == Engine(model, tok).infill(edited, "\n", max_new_tokens=8, seed=3, session="doc")
 
 
 def test_long_prefix_is_windowed_on_the_left():

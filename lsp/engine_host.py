@@ -94,8 +94,10 @@ class EngineHost:
         try:
             # shield: a cancelled completion must not cancel the load every later request needs
             return await asyncio.shield(asyncio.wrap_future(self._future))
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise EngineUnavailable(f"dg-edit: cannot load the model: {e}") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # any load failure (missing files, corrupt weights) is reported, every time
+            raise EngineUnavailable(f"dg-edit: cannot load the model: {type(e).__name__}: {e}") from None
 
     def loaded(self) -> "Engine | None":
         """The engine if it is loaded now (no waiting)."""

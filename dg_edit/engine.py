@@ -81,6 +81,7 @@ class _Request:
     # rewrite only: the starting middle and how strongly to renoise it
     init_middle: list[int] | None = None
     strength: float = 1.0
+    lengths: list[int] | None = None  # explicit candidate middle lengths
 
 
 @dataclass
@@ -173,10 +174,14 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def infill(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
-               session: str | None = None, single_line: bool | None = None, **sampling) -> Done:
-        """Fill the middle between `prefix` and `suffix`; `Done.text` is the middle only."""
+               session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
+               **sampling) -> Done:
+        """Fill the middle between `prefix` and `suffix`; `Done.text` is the middle only.
+
+        `lengths` overrides the candidate middle lengths (in tokens) tried when there is a suffix.
+        """
         return _last(self.stream(prefix, suffix, max_new_tokens=max_new_tokens, seed=seed, session=session,
-                                 single_line=single_line, _with_steps=False, **sampling))
+                                 single_line=single_line, lengths=lengths, _with_steps=False, **sampling))
 
     def infill_ids(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int] = (), *,
                    max_new_tokens: int | None = None, seed: int | None = None, session: str | None = None,
@@ -186,13 +191,19 @@ class Engine:
         return _last(self._run(request, with_steps=False))
 
     def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
-               session: str | None = None, single_line: bool | None = None, _with_steps: bool = True,
-               **sampling) -> Iterator[Step | Done]:
+               session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
+               _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
         """Yield one `Step` per denoising step, then a `Done` equal to `infill`'s result.
 
         Stop iterating (or `close()` the generator) to cancel: no further step runs.
         """
         request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling)
+        if lengths is not None:
+            lengths = sorted(set(lengths))
+            if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths):
+                raise ValueError(f"lengths must be positive integers, got {lengths!r}")
+            request.lengths = lengths
+            request.max_new_tokens = max(lengths)
         return self._run(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
@@ -352,6 +363,8 @@ class Engine:
             s = len(request.suffix_head)
             if request.init_middle is not None:
                 slots, final = [remaining], True
+            elif request.lengths is not None and not middle:
+                slots, final = request.lengths, True
             elif s and remaining + s <= max(self.canvas_length, 8 + s):
                 slots, final = candidate_lengths(remaining), True  # unknown middle length: candidates
             elif s:

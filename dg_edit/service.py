@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,6 +48,10 @@ log = logging.getLogger("dg_edit.service")
 # under its lock, so threads beyond the number of live requests buy nothing; fewer than that would
 # make a new request wait for a whole other request before its first step.
 MODEL_THREADS = 32
+# Kernel send buffer per connection. Left to autotuning, Linux lets it grow to megabytes (on loopback
+# at once), so a lagging client would be sent seconds-old drafts from the kernel's buffer before
+# coalescing ever started. 64 KiB holds dozens of step frames: enough for a client that keeps up.
+SEND_BUFFER_BYTES = 64 * 1024
 TOKEN_ENV = "DG_EDIT_TOKEN"
 
 
@@ -134,6 +139,9 @@ class Client:
         self._sessions: set[str] = set()
         self.outbox = Outbox()
         self._closing: asyncio.Task | None = None
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop(), name=f"dg-edit-ws{self.number}-sender")

@@ -1,0 +1,483 @@
+"""`dg-edit serve` end to end: real service processes, real `websockets` clients, real HTTP requests,
+the test model. Covers the protocol, concurrency, cancellation, limits, bad input, auth and origin.
+
+Nothing here asserts what the model writes, only how the service behaves, so the tests hold for
+the embedded model and for the tiny random one (DG_EDIT_TEST_MODEL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from importlib import resources
+
+import jsonschema
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from dg_edit.serve_process import ServeProcess, dg_edit_command
+
+pytestmark = pytest.mark.timeout(240)
+
+TOKEN = "s3cret-token"
+ALLOWED = "http://allowed.example:3000"
+TERMINAL = {"done", "cancelled", "error"}
+PROMPTS = [
+    ("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n", 1),
+    ("import os\n\ndef list_files(path):\n", "\n", 2),
+    ("class Stack:\n    def __init__(self):\n        self.items = ", "\n\n    def push(self, x):\n", 3),
+]
+
+_SERVER_FRAME = None
+
+
+def server_frame_validator():
+    global _SERVER_FRAME
+    if _SERVER_FRAME is None:
+        schema = json.loads((resources.files("dg_edit") / "schema" / "protocol.schema.json").read_text("utf-8"))
+        _SERVER_FRAME = jsonschema.Draft202012Validator({**schema, "$ref": "#/$defs/ServerFrame"})
+    return _SERVER_FRAME
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory):
+    """Three services started side by side: plain (default settings), auth (token + allow-list) and
+    limits (a request time limit far below one request's run time)."""
+    limits = tmp_path_factory.mktemp("serve") / "limits.json"
+    limits.write_text(json.dumps({"request_timeout_s": 0.02}))
+    model = ["--model", str(model_dir)]
+    procs = {
+        "plain": ServeProcess(model),
+        "auth": ServeProcess([*model, "--token", TOKEN, "--allow-origin", ALLOWED]),
+        "limits": ServeProcess([*model, "--config", str(limits)]),
+    }
+    for proc in procs.values():
+        proc.start()
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["plain"]
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def health(server) -> dict:
+    status, _, body = http_get(server.url + "/healthz")
+    assert status == 200
+    return json.loads(body)
+
+
+def long_tokens(server) -> int:
+    """A budget of many canvas blocks: a request that runs for many denoising steps."""
+    return 8 * health(server)["canvas_length"]
+
+
+async def recv(ws, timeout: float = 120) -> dict:
+    frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    server_frame_validator().validate(frame)
+    return frame
+
+
+async def collect(ws, ids, timeout: float = 120) -> dict[str, list[dict]]:
+    """Frames per request id until each id got its final frame; every frame must match the schema."""
+    frames: dict[str, list[dict]] = {i: [] for i in ids}
+    pending = set(ids)
+    while pending:
+        frame = await recv(ws, timeout)
+        frames.setdefault(frame["id"], []).append(frame)
+        if frame["type"] in TERMINAL:
+            pending.discard(frame["id"])
+    return frames
+
+
+def infill(rid, prefix, suffix="", **extra):
+    return json.dumps({"type": "infill", "id": rid, "prefix": prefix, "suffix": suffix, **extra})
+
+
+def check_stream(frames: list[dict]) -> dict:
+    """Steps with increasing numbers, then exactly one final frame; returns the final frame."""
+    *steps, final = frames
+    assert final["type"] in TERMINAL
+    assert all(f["type"] == "step" for f in steps), frames
+    numbers = [f["step"] for f in steps]
+    assert numbers == sorted(set(numbers))
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+def test_healthz_reports_model_device_uptime(server, model_dir):
+    info = health(server)
+    assert info["status"] == "ok"
+    assert info["model"] == str(model_dir)
+    assert info["device"] == "cpu"
+    assert info["uptime_s"] >= 0
+    assert info["inflight"] == 0
+
+
+def test_page_is_served_with_a_content_security_policy(server):
+    status, headers, body = http_get(server.url + "/")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert f"ws://127.0.0.1:{server.port}" in csp
+    assert b'<script src="app.js"' in body
+    for name in ("app.js", "style.css", "favicon.svg"):
+        status, headers, _ = http_get(f"{server.url}/{name}")
+        assert status == 200, name
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    status, _, body = http_get(server.url + "/../pyproject.toml")
+    assert status == 404
+    assert http_get(server.url + "/nope.js")[0] == 404
+
+
+def test_page_script_never_parses_model_output_as_html():
+    source = (resources.files("dg_edit") / "web" / "app.js").read_text("utf-8")
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in source, sink
+
+
+def test_unknown_host_header_is_refused_without_a_token(server):
+    # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example.
+    status, _, body = http_get(server.url + "/healthz", {"Host": f"evil.example:{server.port}"})
+    assert status == 403
+    assert b"Host" in body
+    assert http_get(server.url + "/healthz", {"Host": f"localhost:{server.port}"})[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+async def test_infill_streams_steps_then_done_equal_to_the_cli(server, model_dir):
+    budget = long_tokens(server)
+    requests = [dict(id=f"r{i}", prefix=p, suffix=s, seed=seed, max_new_tokens=budget)
+                for i, (p, s, seed) in enumerate(PROMPTS)]
+    # The same requests through `dg-edit infill --json` with the same model, in its own process.
+    cli = subprocess.run(
+        [*dg_edit_command(), "infill", "--json", "--model", str(model_dir)],
+        input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True, text=True, timeout=200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr
+    expected = {r["id"]: r["text"] for r in map(json.loads, cli.stdout.splitlines())}
+    async with connect(server.ws_url) as ws:
+        # All at once on one connection: they run concurrently and must not disturb each other.
+        for r in requests:
+            await ws.send(json.dumps({"type": "infill", **r}))
+        order = []
+        frames: dict[str, list[dict]] = {r["id"]: [] for r in requests}
+        pending = set(frames)
+        while pending:
+            frame = await recv(ws)
+            order.append((frame["id"], frame["type"]))
+            frames[frame["id"]].append(frame)
+            if frame["type"] in TERMINAL:
+                pending.discard(frame["id"])
+    for rid, stream in frames.items():
+        final = check_stream(stream)
+        assert final["type"] == "done", final
+        assert final["text"] == expected[rid]
+        assert final["steps"] >= 1 and final["ms"] > 0
+        assert stream[0]["type"] == "step", "the draft is streamed, not only the result"
+        assert stream[0]["total"] >= 1 and isinstance(stream[0]["tokens"], list)
+    # Every request's first draft arrives before the first request is done: they interleave.
+    first_done = next(i for i, (_, kind) in enumerate(order) if kind == "done")
+    first_steps = {rid: next(i for i, (r, k) in enumerate(order) if r == rid and k == "step") for rid in frames}
+    assert max(first_steps.values()) < first_done, order
+
+
+async def test_rewrite_streams_and_matches_the_engine(server, engine):
+    prefix, selection, suffix = "def area(r):\n    return ", "3.14 * r * r", "\n"
+    expected = engine.rewrite(prefix, selection, suffix, strength=0.8, seed=5)
+    async with connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "rewrite", "id": "w1", "prefix": prefix, "selection": selection,
+                                  "suffix": suffix, "strength": 0.8, "seed": 5}))
+        await ws.send(json.dumps({"type": "rewrite", "id": "w0", "prefix": prefix, "selection": selection,
+                                  "suffix": suffix, "strength": 0}))
+        frames = await collect(ws, ["w1", "w0"])
+    final = check_stream(frames["w1"])
+    assert final["type"] == "done" and final["text"] == expected.text
+    assert frames["w0"] == [{"type": "done", "id": "w0", "text": selection, "steps": 0, "tokens_per_forward": 0.0,
+                             "ms": 0.0}]
+
+
+async def test_session_requests_reuse_the_prefix_cache_and_keep_results(server):
+    prefix = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(20)) + "def g(y):\n    return "
+    async with connect(server.ws_url) as ws:
+        results = []
+        for rid in ("s1", "s2"):
+            await ws.send(infill(rid, prefix, "\n", seed=4, session="doc.py"))
+            results.append(check_stream((await collect(ws, [rid]))[rid]))
+        await ws.send(infill("s3", prefix, "\n", seed=4))
+        results.append(check_stream((await collect(ws, ["s3"]))["s3"]))
+    assert [r["type"] for r in results] == ["done"] * 3
+    assert results[0]["text"] == results[1]["text"] == results[2]["text"]
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+async def test_cancel_stops_a_running_request(server):
+    async with connect(server.ws_url) as ws:
+        await ws.send(infill("c1", PROMPTS[0][0], PROMPTS[0][1], max_new_tokens=long_tokens(server)))
+        first = await recv(ws)
+        assert (first["id"], first["type"]) == ("c1", "step")
+        await ws.send(json.dumps({"type": "cancel", "id": "c1"}))
+        frames = [first] + (await collect(ws, ["c1"]))["c1"]
+        assert frames[-1] == {"type": "cancelled", "id": "c1"}
+        check_stream(frames)
+        # Nothing more arrives for c1; the connection goes on serving.
+        await ws.send(infill("c2", "x = ", seed=1))
+        after = await collect(ws, ["c2"])
+        assert set(after) == {"c2"}, after.keys()
+        assert after["c2"][-1]["type"] == "done"
+        # The id is free again once its request ended; cancelling it now is an unknown id.
+        await ws.send(json.dumps({"type": "cancel", "id": "c1"}))
+        err = await recv(ws)
+        assert (err["type"], err["code"], err["id"]) == ("error", "unknown_id", "c1")
+
+
+async def test_cancel_right_after_the_request_still_answers_cancelled(server):
+    async with connect(server.ws_url) as ws:
+        await ws.send(infill("q1", "def f():\n", max_new_tokens=long_tokens(server)))
+        await ws.send(json.dumps({"type": "cancel", "id": "q1"}))
+        frames = (await collect(ws, ["q1"]))["q1"]
+    assert frames[-1] == {"type": "cancelled", "id": "q1"}
+
+
+async def test_client_disconnect_mid_stream_frees_its_requests(server):
+    ws = await connect(server.ws_url)
+    for i in range(3):
+        await ws.send(infill(f"d{i}", "def f():\n", max_new_tokens=long_tokens(server)))
+    assert (await recv(ws))["type"] == "step"
+    ws.transport.abort()  # no closing handshake: the client just vanished
+    for _ in range(200):
+        info = health(server)
+        if info["inflight"] == 0 and info["connections"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (info["inflight"], info["connections"]) == (0, 0)
+    async with connect(server.ws_url) as other:
+        await other.send(infill("ok", "x = ", seed=1))
+        assert (await collect(other, ["ok"]))["ok"][-1]["type"] == "done"
+
+
+# ---------------------------------------------------------------------------------------------- limits
+async def test_more_than_max_inflight_requests_is_busy(server):
+    budget = long_tokens(server)
+    async with connect(server.ws_url) as ws:
+        ids = [f"b{i}" for i in range(5)]  # Settings.max_inflight defaults to 4
+        for rid in ids:
+            await ws.send(infill(rid, "def f():\n", max_new_tokens=budget))
+        busy = None
+        while busy is None:
+            frame = await recv(ws)
+            if frame["type"] == "error":
+                busy = frame
+        assert (busy["id"], busy["code"]) == ("b4", "busy")
+        assert "max_inflight=4" in busy["message"]
+        for rid in ids[:4]:
+            await ws.send(json.dumps({"type": "cancel", "id": rid}))
+        frames = await collect(ws, ids[:4])
+        assert all(f[-1]["type"] in ("cancelled", "done") for f in frames.values())
+
+
+async def test_request_time_limit_gives_a_timeout_error(servers):
+    server = servers["limits"]
+    async with connect(server.ws_url) as ws:
+        await ws.send(infill("t1", "def f():\n", max_new_tokens=long_tokens(server)))
+        final = check_stream((await collect(ws, ["t1"]))["t1"])
+        assert (final["type"], final["code"]) == ("error", "timeout")
+        assert "request_timeout_s=0.02" in final["message"]
+        # The connection is still usable.
+        await ws.send("{}")
+        assert (await recv(ws))["code"] == "bad_request"
+
+
+async def test_oversized_frame_closes_with_1009_and_others_keep_going(server):
+    async with connect(server.ws_url) as bystander:
+        await bystander.send(infill("by", "def f():\n", max_new_tokens=long_tokens(server)))
+        async with connect(server.ws_url, max_size=None) as ws:
+            # Just under the 1 MiB limit is a valid (huge) request...
+            prefix = "x=1;" * ((1 << 20) // 4 - 40)  # no characters that JSON escapes
+            await ws.send(infill("big", prefix, max_new_tokens=4))
+            assert check_stream((await collect(ws, ["big"]))["big"])["type"] == "done"
+            # ...one byte over closes the connection with 1009 (message too big).
+            await ws.send("x" * ((1 << 20) + 1))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await recv(ws)
+            assert ws.close_code == 1009
+        assert (await collect(bystander, ["by"]))["by"][-1]["type"] == "done"
+
+
+async def test_a_slow_reader_gets_coalesced_drafts_and_does_not_stall_others(server):
+    """A client that stops reading: its drafts are coalesced to the latest (step numbers skip), its
+    finals all arrive in the end, and another client is served meanwhile."""
+    budget = long_tokens(server)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small TCP window
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    slow = await connect(server.ws_url, sock=sock, max_queue=1)
+    ids = []
+    async with connect(server.ws_url) as fast:
+        for round_no in range(4):
+            batch = [f"s{round_no}-{i}" for i in range(4)]
+            ids += batch
+            for i, rid in enumerate(batch):
+                prefix, suffix, seed = PROMPTS[i % len(PROMPTS)]
+                await slow.send(infill(rid, prefix, suffix, seed=seed + i, max_new_tokens=budget))
+            if round_no == 0:  # while the slow client's first batch runs, the fast client is served
+                await fast.send(infill("f1", "x = ", seed=1))
+                assert (await collect(fast, ["f1"], timeout=60))["f1"][-1]["type"] == "done"
+            for _ in range(2400):  # wait until the service finished this batch, frames unread
+                if health(server)["inflight"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+    frames = await collect(slow, ids)
+    await slow.close()
+    finals = [check_stream(frames[rid]) for rid in ids]
+    assert all(f["type"] == "done" for f in finals)
+    sent_steps = sum(len(frames[rid]) - 1 for rid in ids)
+    run_steps = sum(f["steps"] for f in finals)
+    print("slow reader: sent", sent_steps, "of", run_steps)
+    assert sent_steps < run_steps, (sent_steps, run_steps)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD_FRAMES = [
+    ("not json", None, "bad_request"),
+    ("[]", None, "bad_request"),
+    ('{"type": "infill", "prefix": "x"}', None, "bad_request"),
+    ('{"type": "paint", "id": "p1"}', "p1", "bad_request"),
+    ('{"type": "infill", "id": "p2"}', "p2", "bad_request"),
+    ('{"type": "infill", "id": "p3", "prefix": "x", "seed": "1"}', "p3", "bad_request"),
+    ('{"type": "infill", "id": "p4", "prefix": "x", "max_new_tokens": -1}', "p4", "bad_request"),
+    ('{"type": "infill", "id": "p5", "prefix": "x", "colour": "red"}', "p5", "bad_request"),
+    ('{"type": "infill", "id": "p6", "prefix": "", "suffix": ""}', "p6", "bad_request"),  # the engine refuses
+    ('{"type": "rewrite", "id": "p7", "prefix": "x", "selection": "y", "strength": 3}', "p7", "bad_request"),
+    ('{"type": "cancel", "id": "nobody"}', "nobody", "unknown_id"),
+    ('{"type": ["infill"], "id": "p8"}', "p8", "bad_request"),
+]
+
+
+async def test_every_bad_frame_gets_an_error_and_the_connection_goes_on(server):
+    async with connect(server.ws_url) as ws:
+        for frame, rid, code in BAD_FRAMES:
+            await ws.send(frame)
+            err = await recv(ws)
+            assert (err["type"], err["id"], err["code"]) == ("error", rid, code), (frame, err)
+            assert err["message"]
+        await ws.send(b'{"type": "cancel", "id": "x"}')  # a binary frame
+        err = await recv(ws)
+        assert (err["code"], err["id"]) == ("bad_request", None) and "binary" in err["message"]
+        # Duplicate id while the first is in flight: refused, the first goes on to its end.
+        await ws.send(infill("dup", "def f():\n", max_new_tokens=long_tokens(server)))
+        await ws.send(infill("dup", "y = "))
+        frames = (await collect(ws, ["dup"]))["dup"]
+        errors = [f for f in frames if f["type"] == "error"]
+        assert [e["code"] for e in errors] == ["duplicate_id"]
+        rest = [f for f in frames if f["type"] != "error"]
+        if not rest or rest[-1]["type"] != "done":  # the error was the first final; the running request still ends
+            rest += (await collect(ws, ["dup"]))["dup"]
+        assert check_stream(rest)["type"] == "done"
+        await ws.send(infill("after", "x = ", seed=1))
+        assert (await collect(ws, ["after"]))["after"][-1]["type"] == "done"
+
+
+# ---------------------------------------------------------------------------------------------- security
+async def test_token_is_required_by_header_or_query(servers):
+    server = servers["auth"]
+    assert http_get(server.url + "/healthz")[0] == 401
+    assert http_get(server.url + "/healthz?token=wrong")[0] == 401
+    assert http_get(server.url + "/healthz", {"Authorization": "Bearer wrong"})[0] == 401
+    assert http_get(server.url + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert http_get(f"{server.url}/healthz?token={TOKEN}")[0] == 200
+    for url, headers in ((server.ws_url, None), (server.ws_url + "?token=nope", None),
+                         (server.ws_url, {"Authorization": "Basic " + TOKEN})):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 401
+    for url, headers in ((server.ws_url + f"?token={TOKEN}", None),
+                         (server.ws_url, {"Authorization": f"Bearer {TOKEN}"})):
+        async with connect(url, additional_headers=headers) as ws:
+            await ws.send(infill("a1", "x = ", seed=1))
+            assert (await collect(ws, ["a1"]))["a1"][-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://evil.example", False),
+    ("null", False),
+    (ALLOWED, True),
+    ("own", True),  # the service's own page
+    (None, True),  # not a browser: scripts and editors send no Origin
+])
+async def test_origin_is_checked_against_the_allow_list(servers, origin, allowed):
+    for name in ("auth", "plain"):
+        server = servers[name]
+        if name == "plain" and origin == ALLOWED:
+            allowed_here = False  # only the auth service was started with --allow-origin
+        else:
+            allowed_here = allowed
+        value = f"http://127.0.0.1:{server.port}" if origin == "own" else origin
+        url = server.ws_url + (f"?token={TOKEN}" if name == "auth" else "")
+        if allowed_here:
+            async with connect(url, origin=value) as ws:
+                await ws.send('{"type": "cancel", "id": "nothing"}')
+                assert (await recv(ws))["code"] == "unknown_id"
+        else:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(url, origin=value):
+                    pass
+            assert info.value.response.status_code == 403
+            assert b"--allow-origin" in info.value.response.body
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--host", "0.0.0.0"], "without a token"),
+    (["--host", "example.com"], "without a token"),
+    (["--allow-origin", "evil.example"], "--allow-origin"),
+    (["--port", "70000"], "--port"),
+])
+def test_refuses_to_start_unsafely_or_with_bad_arguments(args, words, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DG_EDIT_TOKEN", None)
+    run = subprocess.run([*dg_edit_command(), "serve", *args, "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2
+    assert words in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    run = subprocess.run([*dg_edit_command(), "serve", "--port", "0", "--model",
+                          str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "model directory not found" in run.stderr
+
+
+def test_sigterm_stops_the_service_cleanly(model_dir):
+    proc = ServeProcess(["--model", str(model_dir)])
+    with proc:
+        assert health(proc)["status"] == "ok"
+    assert proc.proc.returncode == 0
+    assert "stopped" in proc.log()

@@ -62,10 +62,18 @@ async def report_load(ls: DgEditServer) -> None:
     ls.log(f"dg-edit: model {engine.name} ready ({ls.host.load_ms or 0:.0f} ms)")
 
 
-def on_change_configuration(ls: DgEditServer, params: types.DidChangeConfigurationParams) -> None:
-    if params.settings in (None, {}):
-        return  # a pull-model client telling us to ask; our settings arrive pushed
-    _apply(ls, params.settings, "configuration")
+async def on_change_configuration(ls: DgEditServer, params: types.DidChangeConfigurationParams) -> None:
+    """Pushed settings are applied; an empty push from a pull-model client makes us ask for "dgEdit"."""
+    if params.settings not in (None, {}):
+        _apply(ls, params.settings, "configuration")
+        return
+    workspace = ls.client_capabilities.workspace
+    if workspace is None or not workspace.configuration:
+        return
+    items = await ls.workspace_configuration_async(
+        types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)]))
+    if items and items[0] is not None:
+        _apply(ls, items[0], "configuration")
 
 
 def register(server: DgEditServer) -> None:

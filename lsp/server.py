@@ -79,6 +79,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pygls.exceptions import JsonRpcException
+
 from dg_edit.cli import UsageError, add_model_arguments, settings_from_args
 from dg_edit.config import Settings
 
@@ -102,6 +104,17 @@ def _parse_tcp(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise UsageError(f"--tcp must be HOST:PORT, got {value!r}")
     return host or "127.0.0.1", int(port)
+
+
+class _AnsweredErrors(logging.Filter):
+    """pygls logs a traceback for every request answered with an error; for the routine ones
+    (cancelled, stale, invalid params) the answer is the whole story, so keep them out of the log."""
+
+    ROUTINE = (-32800, -32801, -32602)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, JsonRpcException) and exc.code in self.ROUTINE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise UsageError(f"--log-level: {e}") from None
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("pygls.protocol.json_rpc").addFilter(_AnsweredErrors())
     if args.threads:
         import torch
 

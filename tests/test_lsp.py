@@ -52,6 +52,7 @@ class Harness:
         self.edits: list[t.ApplyWorkspaceEditParams] = []
         self.created_tokens: list[object] = []
         self.apply_result = True
+        self.pull_settings: dict[str, dict] = {}  # what workspace/configuration answers, per section
         self.versions: dict[str, int] = {}
         c = self.client
         c.feature("dgEdit/canvas")(lambda ls, p: self.canvas.append(_plain(p)))
@@ -63,6 +64,10 @@ class Harness:
         def apply_edit(ls, params: t.ApplyWorkspaceEditParams):
             self.edits.append(params)
             return t.ApplyWorkspaceEditResult(applied=self.apply_result)
+
+        @c.feature(t.WORKSPACE_CONFIGURATION)
+        def configuration(ls, params: t.ConfigurationParams):
+            return [self.pull_settings.get(item.section) for item in params.items]
 
         @c.feature(t.WINDOW_WORK_DONE_PROGRESS_CREATE)
         def create(ls, params: t.WorkDoneProgressCreateParams):
@@ -76,7 +81,7 @@ class Harness:
             general=general,
             window=t.WindowClientCapabilities(work_done_progress=True),
             workspace=t.WorkspaceClientCapabilities(
-                apply_edit=True, workspace_edit=t.WorkspaceEditClientCapabilities(document_changes=True)),
+                apply_edit=True, configuration=True, workspace_edit=t.WorkspaceEditClientCapabilities(document_changes=True)),
         )
         result = await self.client.initialize_async(
             t.InitializeParams(capabilities=caps, process_id=os.getpid(), initialization_options=options))
@@ -536,6 +541,13 @@ async def test_invalid_configuration_is_reported_and_ignored(lsp):
     assert (await lsp.stats())["settings"]["candidates"] == 3
     lsp.configure({"dgEdit": {"languages": ["python"], "candidates": 2}})
     assert (await lsp.stats())["settings"]["candidates"] == 2
+    # A pull-model client sends an empty notification; the server then asks for the "dgEdit" section.
+    lsp.pull_settings["dgEdit"] = {"languages": ["python"], "candidates": 1}
+    lsp.configure(None)
+    deadline = time.monotonic() + 10
+    while (await lsp.stats())["settings"]["candidates"] != 1:
+        assert time.monotonic() < deadline, "the server did not pull its configuration"
+        await asyncio.sleep(0.05)
     lsp.configure(NORMAL)
 
 
@@ -554,6 +566,32 @@ async def test_broken_model_is_an_error_not_a_crash(tmp_path, tiny_model_dir):
         assert info.value.code == -32803 and "cannot load the model" in info.value.message
         await wait_for(lambda: any("cannot load" in m.message for m in h.logs))
         assert (await h.stats())["engine"]["state"] == "failed"
+    finally:
+        await h.stop()
+
+
+async def test_model_failure_is_logged_and_answered(tmp_path, tiny_model_dir):
+    """A model that fails mid-request (a token id past its embedding table): error + log, server lives on."""
+    import json
+
+    broken = tmp_path / "fails-on-boom"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["added_tokens"].append({"id": 100000, "content": "BOOM", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": False})
+    (broken / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    h = Harness()
+    await h.start("--model", str(broken))
+    try:
+        bad = h.open("x = BOOM\ny = ")
+        with pytest.raises(JsonRpcException) as info:
+            await h.inline(bad, t.Position(line=1, character=4))
+        assert info.value.code == -32603 and "model failure" in info.value.message
+        await wait_for(lambda: any("model failure" in m.message and m.type == t.MessageType.Error for m in h.logs))
+        assert (await h.inline(h.open(PY_DOC), PY_CURSOR)).items  # the same engine keeps serving
+        assert (await h.stats())["errors"] == 1
     finally:
         await h.stop()
 

@@ -72,7 +72,7 @@ def infill_layout(
     )
 
 
-def candidate_lengths(max_new_tokens: int, minimum: int = 4) -> list[int]:
+def candidate_lengths(max_new_tokens: int, minimum: int = 8) -> list[int]:
     """Middle lengths to try when the editor cannot say how long the middle is: N, N/2, N/4, ... >= minimum."""
     lengths = [max_new_tokens]
     n = max_new_tokens // 2

@@ -73,6 +73,9 @@ class SamplingConfig:
     # dg-edit additions: "uniform" is DiffusionGemma's renoising; "mask" renoises to `mask_token_id`.
     noise: str = "uniform"
     mask_token_id: int | None = None
+    # How the denoiser canvas is drawn: "multinomial" (the reference's call), "inverse_cdf" (same
+    # distribution, ~10x faster on CPU), "auto" (reference for plain canvases, fast for clamped/batched).
+    draw: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_denoising_steps <= 0:
@@ -87,6 +90,8 @@ class SamplingConfig:
             raise ValueError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
         if self.noise not in ("uniform", "mask"):
             raise ValueError(f'noise must be "uniform" or "mask", got {self.noise!r}')
+        if self.draw not in ("auto", "multinomial", "inverse_cdf"):
+            raise ValueError(f'draw must be "auto", "multinomial" or "inverse_cdf", got {self.draw!r}')
         if self.noise == "mask" and self.mask_token_id is None:
             raise ValueError('noise="mask" needs a mask_token_id')
 

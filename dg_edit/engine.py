@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from . import sampler
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
+from .faults import FAULT_ENV, install as install_fault
 from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
@@ -151,6 +153,9 @@ class Engine:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot load model from {path}: {e}") from None
         net.to(device)
+        fault = os.environ.get(FAULT_ENV)
+        if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
+            install_fault(net, tokenizer, fault)
         overrides: dict[str, Any] = {}
         extra = path / DG_EDIT_JSON
         if extra.is_file():
@@ -411,6 +416,8 @@ class Engine:
         device = model.device
         b, width = layout.clamped.shape
         fixed = layout.any_fixed
+        # Reference draws for plain canvases (token parity with generate), fast exact draws otherwise.
+        draw = cfg.draw if cfg.draw != "auto" else ("inverse_cdf" if fixed else "multinomial")
         candidates = layout.candidates if fixed else None
         keep = (layout.clamped | ~layout.valid) if fixed else None
         batch_cache = cache
@@ -453,11 +460,12 @@ class Engine:
                 raw_logits = out.logits  # [B, L, V]
                 # 1.c.ii Temperature, denoiser sample, argmax draft.
                 processed_logits = sampler.temperature_scale(raw_logits, steps_remaining, cfg)
-                denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator)
+                denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator, draw)
                 new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
                 # 1.c.iii Accept by entropy bound, renoise the rest.
+                entropy = sampler.token_entropy(processed_logits)  # [B, L], also used by 1.c.iv
                 accepted_canvas, accepted = sampler.entropy_bound_accept(
-                    current_canvas, denoiser_canvas, processed_logits, cfg.entropy_bound, candidates)
+                    current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
@@ -467,8 +475,9 @@ class Engine:
                     new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
                     processed_logits = torch.where(finished[:, None, None], self_conditioning_logits,
                                                    processed_logits)
+                # (Rows that stopped earlier keep stale logits; their entropy no longer matters.)
                 stop, history = sampler.stable_and_confident(
-                    history, new_argmax_canvas, processed_logits, cfg, layout.candidates if fixed else None)
+                    history, new_argmax_canvas, entropy, cfg, layout.candidates if fixed else None)
                 finished = finished | stop
                 # 1.c.v Self-conditioning for the next step.
                 self_conditioning_logits = processed_logits.to(embeddings_dtype)

@@ -45,18 +45,29 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=logits, validate_args=False).entropy()
 
 
-def sample_denoiser_canvas(processed_logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One multinomial draw per position.  [B, L, V] -> [B, L]"""
+def sample_denoiser_canvas(
+    processed_logits: torch.Tensor, generator: torch.Generator | None, draw: str = "multinomial"
+) -> torch.Tensor:
+    """One draw per position from softmax(processed_logits).  [B, L, V] -> [B, L]
+
+    "multinomial" is the reference's call (needed for token parity with `generate`); "inverse_cdf"
+    draws from the same distribution by cumsum + searchsorted, ~10x faster on CPU for 8k+ vocabularies.
+    """
     batch_size, length, vocab_size = processed_logits.shape
-    probs = torch.softmax(processed_logits, dim=-1, dtype=torch.float32)
-    drawn = torch.multinomial(probs.view(-1, vocab_size), num_samples=1, generator=generator)
+    probs = torch.softmax(processed_logits, dim=-1, dtype=torch.float32).view(-1, vocab_size)
+    if draw == "inverse_cdf":
+        cdf = probs.cumsum(dim=-1)  # [B*L, V]
+        u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u).clamp_(max=vocab_size - 1)
+    else:
+        drawn = torch.multinomial(probs, num_samples=1, generator=generator)
     return drawn.squeeze(-1).view(batch_size, length)
 
 
 def entropy_bound_accept(
     current_canvas: torch.Tensor,  # [B, L]
     denoiser_canvas: torch.Tensor,  # [B, L]
-    processed_logits: torch.Tensor,  # [B, L, V]
+    entropy: torch.Tensor,  # [B, L] token entropy of the processed logits
     entropy_bound: float,
     candidates: torch.Tensor | None = None,  # [B, L] bool: positions the sampler may accept (not clamped, not pad)
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +76,6 @@ def entropy_bound_accept(
     Returns `(accepted_canvas, accepted)`: the canvas with accepted positions taken from the denoiser,
     and the boolean mask of those positions.  [B, L], [B, L]
     """
-    entropy = token_entropy(processed_logits)
     if candidates is not None:
         entropy = entropy.masked_fill(~candidates, float("inf"))  # sorts last, never accepted (inf - inf = nan)
     sorted_entropy, sorted_indices = torch.sort(entropy, dim=-1, descending=False)
@@ -101,7 +111,7 @@ def renoise(
 def stable_and_confident(
     history: torch.Tensor | None,  # [K, B, L] argmax canvases of the last K steps, or None at the first step
     argmax_canvas: torch.Tensor,  # [B, L]
-    processed_logits: torch.Tensor,  # [B, L, V]
+    entropy: torch.Tensor,  # [B, L] token entropy of the processed logits (rows already stopped: any value)
     cfg: SamplingConfig,
     valid: torch.Tensor | None = None,  # [B, L] bool: positions whose entropy counts
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,7 +130,6 @@ def stable_and_confident(
         stable = (history == argmax_canvas[None, :, :]).all(dim=-1).all(dim=0)
         history = torch.roll(history, shifts=-1, dims=0)
         history[-1] = argmax_canvas
-    entropy = token_entropy(processed_logits)
     if valid is None:
         mean_entropy = torch.mean(entropy, dim=-1)
     else:

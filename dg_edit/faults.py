@@ -1,0 +1,99 @@
+"""Test-only fault injection: make a loaded model misbehave for chosen requests, in a real server process.
+
+Why: the fault tests (tests/test_faults.py) and the soak bench run the front ends exactly as a user
+starts them (`dg-edit serve`, `dg-edit lsp` in their own processes), where monkeypatching is not an
+option. Setting `DG_EDIT_FAULT=KIND[:ARG]` in a server's environment makes `Engine.load` (the one
+place this is read) call `install`, which puts forward hooks on the model. Only requests whose
+prefix contains `MARKER` are affected, so a test can show that a failing request costs that request
+only while every other request on the same server is served.
+
+Kinds (per affected request, counting its decoder forward passes = denoising steps):
+    raise[:N]   RuntimeError at step N (default 2): "the model raises mid-canvas"
+    nan[:N]     the logits of step N onwards are NaN (default 1)
+    slow:S      every step sleeps S seconds first (a slow model; holds the engine lock, as a slow
+                forward would)
+
+Never set it outside tests: the server prints a warning on stderr when a fault is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+FAULT_ENV = "DG_EDIT_FAULT"
+MARKER = "DG_EDIT_FAULT_HERE"
+KINDS = ("raise", "nan", "slow")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    arg: float
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        kind, _, arg = spec.partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: kind must be one of {', '.join(KINDS)}")
+        default = {"raise": 2, "nan": 1, "slow": 0.1}[kind]
+        try:
+            value = float(arg) if arg else float(default)
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the argument after ':' must be a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the argument must be a finite number >= 0")
+        return cls(kind, value)
+
+
+def install(model, tokenizer, spec: str) -> Fault:
+    """Hook `model` so that requests whose prefix contains `MARKER` get the fault `spec`."""
+    fault = Fault.parse(spec)
+    # Encoder KV caches of marked requests -> decoder steps run so far. The decoder passes the same
+    # cache object it was given by the encoder, which is how a step is tied to its request.
+    marked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+
+    def on_encode(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids")
+        if cache is None or ids is None:
+            return
+        if MARKER in tokenizer.decode(ids[0].tolist()):
+            with lock:
+                marked.setdefault(cache, 0)
+
+    def on_decode(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if kwargs.get("decoder_input_ids") is None or cache is None:
+            return
+        with lock:
+            if cache not in marked:
+                return
+            marked[cache] += 1
+            step = marked[cache]
+        if fault.kind == "raise" and step >= fault.arg:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}=raise): the model failed at denoising step {step}")
+        if fault.kind == "slow":
+            time.sleep(fault.arg)
+
+    def after_decode(module, args, kwargs, output):
+        if fault.kind != "nan" or kwargs.get("decoder_input_ids") is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        with lock:
+            step = marked.get(cache, 0) if cache is not None else 0
+        if step >= max(fault.arg, 1):
+            output.logits = output.logits.new_full(output.logits.shape, float("nan"))
+        return output
+
+    model.model.encoder.register_forward_pre_hook(on_encode, with_kwargs=True)
+    model.register_forward_pre_hook(on_decode, with_kwargs=True)
+    model.register_forward_hook(after_decode, with_kwargs=True)
+    print(f"dg-edit: WARNING: test fault injection is on ({FAULT_ENV}={spec}): requests containing "
+          f"{MARKER} will fail", file=sys.stderr, flush=True)
+    return fault

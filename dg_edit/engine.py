@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -39,7 +38,6 @@ from . import sampler
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
-from .faults import FAULT_ENV, install as install_fault
 from .faults import FAULT_ENV, install as install_fault
 from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
 
@@ -155,9 +153,6 @@ class Engine:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot load model from {path}: {e}") from None
         net.to(device)
-        fault = os.environ.get(FAULT_ENV)
-        if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
-            install_fault(net, tokenizer, fault)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
             install_fault(net, tokenizer, fault)

@@ -94,15 +94,19 @@ class DgEditApp(App[int]):
     TITLE = "dg-edit"
     ENABLE_COMMAND_PALETTE = False
 
+    # Keys that act on the text are ordinary bindings, so they run after the editor has handled every
+    # key typed before them (a priority binding would overtake keystrokes still queued in the editor).
+    # tab/escape/ctrl+z must beat the editor's own meaning, so they are priority bindings that only
+    # act while a proposal is pending (see `check_action`).
     BINDINGS = [
-        Binding("ctrl+space,ctrl+@,f2", "infill", "Infill", priority=True),
-        Binding("ctrl+r", "rewrite", "Rewrite sel.", priority=True),
+        Binding("ctrl+space,ctrl+@,f2", "infill", "Infill"),
+        Binding("ctrl+r", "rewrite", "Rewrite sel."),
         Binding("tab", "accept", "Accept", priority=True),
         Binding("escape", "reject", "Reject", priority=True),
         Binding("ctrl+z", "reject", "Reject", show=False, priority=True),
         Binding("f3", "toggle_canvas", "Canvas"),
-        Binding("ctrl+s", "save", "Save", priority=True),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+q", "quit", "Quit"),
     ]
 
     phase: reactive[str] = reactive("loading model")
@@ -141,7 +145,8 @@ class DgEditApp(App[int]):
         return self.query_one("#canvas", CanvasPanel)
 
     def on_mount(self) -> None:
-        self.status.file_label = str(self.path)
+        self.status.file_label = self.path.name or str(self.path)
+        self.sub_title = str(self.path)
         self.editor.read_only = True  # until the file is open
         self._open_file()
         if self.engine is not None:

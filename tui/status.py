@@ -23,7 +23,7 @@ class StatusLine(Static):
     def render(self) -> Text:
         style = self.get_component_rich_style
         out = Text(no_wrap=True, overflow="ellipsis")
-        out.append(self.file_label, style=style("status--file"))
+        out.append(self.file_label, style=style("status--file"))  # the name only: keep the line for the model
         if self.dirty:
             out.append(" [+]", style=style("status--dirty"))
         if self.phase:

@@ -1,0 +1,124 @@
+"""`dg-edit tui` in a real terminal (tmux), driven with keystrokes and checked on the screen, as a
+person would use it: open a file, infill, watch the canvas, accept, save, quit."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TMUX = shutil.which("tmux")
+pytestmark = [
+    pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)"),
+    pytest.mark.timeout(240),
+]
+
+SOURCE = 'import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef main():\n    \n'
+
+
+class Terminal:
+    """One tmux server of our own (its own socket), one 120x35 window running a command."""
+
+    def __init__(self, socket: Path):
+        self.socket = str(socket)
+
+    def tmux(self, *args: str) -> str:
+        out = subprocess.run([TMUX, "-S", self.socket, *args], check=True, capture_output=True, text=True, timeout=30)
+        return out.stdout
+
+    def start(self, command: str) -> None:
+        self.tmux("new-session", "-d", "-s", "tui", "-x", "120", "-y", "35", command)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "tui")
+
+    def keys(self, *keys: str) -> None:
+        for key in keys:  # one at a time: the app parses escape sequences with a short timeout
+            self.tmux("send-keys", "-t", "tui", key)
+            time.sleep(0.15)
+
+    def wait_for(self, *texts: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if any(t in screen for t in texts):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"none of {texts} appeared on screen:\n{screen}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run([TMUX, "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    term = Terminal(tmp_path / "tmux.sock")
+    yield term
+    term.close()
+
+
+def tui_command(path: Path, model_dir: Path) -> str:
+    cmd = [sys.executable, "-m", "dg_edit.cli", "tui", str(path), "--model", str(model_dir)]
+    # the shell stays after the app exits so the exit code can be read off the screen
+    # COLUMNS/LINES from the test runner would override the pane's real size
+    return (f"env -u COLUMNS -u LINES OMP_NUM_THREADS=1 TERM=xterm-256color {shlex.join(cmd)}; "
+            f"echo \"EXITED $?\"; sleep 600")
+
+
+def test_infill_accept_save_quit_in_a_real_terminal(tmp_path, terminal, model_dir):
+    path = tmp_path / "demo.py"
+    path.write_text(SOURCE)
+    terminal.start(tui_command(path, model_dir))
+    screen = terminal.wait_for("ready", "no model")
+    assert "ready" in screen, screen
+    assert "def add(a, b):" in screen and " 5 " in screen  # the file, with line numbers
+    assert "Infill" in screen and "Save" in screen  # the footer tells what the keys do
+
+    terminal.keys("F3")  # the canvas panel
+    assert "canvas: no request yet" in terminal.wait_for("canvas: no request yet")
+    terminal.keys(*["Down"] * 8, "End")  # the empty body of main()
+    terminal.keys("F2")
+    screen = terminal.wait_for("infill: review", "proposed nothing")
+    if "infill: review" in screen:
+        assert "steps" in screen and "tok/fwd" in screen and " ms" in screen
+        assert "canvas  step" in screen
+        terminal.keys("Tab")
+        screen = terminal.wait_for("infill accepted")
+        assert "[+]" in screen  # unsaved
+        terminal.keys("C-s")
+        terminal.wait_for("saved ")
+        saved = path.read_text()
+        assert saved != SOURCE
+        assert saved.startswith(SOURCE[: SOURCE.index("    \n") + 4])
+    else:
+        assert path.read_text() == SOURCE
+
+    # an unsaved edit: quitting asks, and escape goes back to the editor
+    terminal.keys("x")
+    terminal.keys("C-q")
+    terminal.wait_for("There are unsaved changes.")
+    terminal.keys("Escape")
+    time.sleep(0.5)
+    assert "EXITED" not in terminal.screen()
+    terminal.keys("BSpace", "C-q")  # the buffer equals the file again: quits at once
+    screen = terminal.wait_for("EXITED")
+    assert "EXITED 0" in screen
+    assert "Traceback" not in screen
+
+
+def test_bad_file_gets_a_message_not_a_traceback(tmp_path, terminal, model_dir):
+    path = tmp_path / "latin1.py"
+    path.write_bytes(b"name = 'caf\xe9'\n")
+    terminal.start(tui_command(path, model_dir))
+    screen = terminal.wait_for("not UTF-8")
+    assert "Cannot open this file" in screen
+    terminal.keys("Enter")
+    screen = terminal.wait_for("EXITED")
+    assert "EXITED 2" in screen and "Traceback" not in screen
+    assert path.read_bytes() == b"name = 'caf\xe9'\n"

@@ -469,8 +469,12 @@ class Engine:
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
-                # 1.c.iv Stopping per row; finished rows keep their last state.
-                if finished.any():
+                # 1.c.iv Stopping per row; finished rows keep their last state. NaN/inf logits make NaN
+                # entropy: checked in the same host sync, before a garbage draft can be shown.
+                any_finished, nonfinite = torch.stack((finished.any(), entropy.isnan().any())).tolist()
+                if nonfinite:
+                    raise sampler.NonFiniteLogits()
+                if any_finished:
                     new_argmax_canvas = torch.where(finished[:, None], argmax_canvas, new_argmax_canvas)
                     new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
                     processed_logits = torch.where(finished[:, None, None], self_conditioning_logits,

@@ -20,6 +20,14 @@ import torch
 from .config import SamplingConfig
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model's logits contain NaN or inf: a model failure, never the user's input."""
+
+    def __init__(self, message: str = "the model produced non-finite logits (NaN or inf); the request was "
+                                      "stopped: the model's weights or numerics are broken"):
+        super().__init__(message)
+
+
 def initial_canvas(
     batch_size: int, length: int, vocab_size: int, cfg: SamplingConfig, generator: torch.Generator | None, device
 ) -> torch.Tensor:
@@ -60,7 +68,14 @@ def sample_denoiser_canvas(
         u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u).clamp_(max=vocab_size - 1)
     else:
-        drawn = torch.multinomial(probs, num_samples=1, generator=generator)
+        try:
+            drawn = torch.multinomial(probs, num_samples=1, generator=generator)
+        except RuntimeError:
+            # torch checks the probabilities anyway; only when that fails do we pay for a finiteness check,
+            # to turn its message into one that names the cause.
+            if not bool(torch.isfinite(processed_logits).all()):
+                raise NonFiniteLogits() from None
+            raise
     return drawn.squeeze(-1).view(batch_size, length)
 
 

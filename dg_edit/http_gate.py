@@ -3,9 +3,11 @@
 Every request, websocket upgrade or not, passes `Gate.check` first (websockets calls it as
 `process_request`):
 
-1. Token. With a token configured, the request must carry `Authorization: Bearer T` or `?token=T`
-   (browsers cannot set headers on a websocket); otherwise 401. Compared with
-   `hmac.compare_digest` so the answer time does not leak how much of a guess was right.
+1. Token. With a token configured, the websocket and /healthz need `Authorization: Bearer T` or
+   `?token=T` (browsers cannot set headers on a websocket); otherwise 401. Compared with
+   `hmac.compare_digest` so the answer time does not leak how much of a guess was right. The page's
+   own static files are public (they hold no secrets, and a browser fetches them without the
+   token); the page reads the token from its own URL (`/?token=T`).
 2. Host (only without a token). A page the user happens to visit can point its own host name at
    127.0.0.1 (DNS rebinding); refusing unknown `Host` headers stops it reading /healthz or the page.
 3. Origin, on the websocket endpoint only. Browsers always send `Origin`; the server's own page, the
@@ -109,7 +111,8 @@ class Gate:
             return _text(HTTPStatus.BAD_REQUEST, "repeated Host or Origin header\n")
         if not _HOST_HEADER.fullmatch(host_header):
             return _text(HTTPStatus.BAD_REQUEST, "missing or malformed Host header\n")
-        if self.token is not None and not self._token_ok(request.headers, url.query):
+        static = self.files.get(url.path)  # the page's own files: public, no secrets in them
+        if self.token is not None and static is None and not self._token_ok(request.headers, url.query):
             response = _text(HTTPStatus.UNAUTHORIZED,
                              "this dg-edit service needs a token: send 'Authorization: Bearer <token>' "
                              "or add ?token=<token> to the URL\n")
@@ -125,7 +128,7 @@ class Gate:
             return None  # go on with the websocket handshake
         if url.path == "/healthz":
             return _respond(HTTPStatus.OK, json.dumps(self.health()).encode(), "application/json")
-        path = self.files.get(url.path)
+        path = static
         if path is None:
             return _text(HTTPStatus.NOT_FOUND, f"not found: {url.path} (the page is at /, the websocket at "
                                                f"{WS_PATH})\n")

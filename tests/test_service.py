@@ -409,7 +409,8 @@ async def test_token_is_required_by_header_or_query(servers):
     assert http_get(server.url + "/healthz")[0] == 401
     assert http_get(server.url + "/healthz?token=wrong")[0] == 401
     assert http_get(server.url + "/healthz", {"Authorization": "Bearer wrong"})[0] == 401
-    assert http_get(server.url + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert http_get(server.url + "/healthz", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert http_get(server.url + "/")[0] == 200  # the page is public: it has no secrets
     assert http_get(f"{server.url}/healthz?token={TOKEN}")[0] == 200
     for url, headers in ((server.ws_url, None), (server.ws_url + "?token=nope", None),
                          (server.ws_url, {"Authorization": "Basic " + TOKEN})):

@@ -60,6 +60,11 @@ function connect() {
 async function showModel() {
   try {
     const response = await fetch(withToken("/healthz"));
+    if (response.status === 401) {
+      $("model").textContent = "this service needs a token";
+      setStatus("this service needs a token: open this page as /?token=<token>", "error");
+      return;
+    }
     const health = await response.json();
     $("model").textContent = `${health.model} · ${health.device} · ${health.dtype} · ${health.parameters} parameters`;
   } catch (error) {

@@ -1,0 +1,155 @@
+"""The demo page in a real headless Chromium against a real `dg-edit serve`: type, put the cursor,
+press Ctrl+Space, watch the middle refine in place (at least two different drafts), see the final
+text, press Tab to accept. Screenshots go to artifacts/ (git-ignored) for a person to look at.
+
+Needs Debian's chromium at /usr/bin/chromium and Playwright from PyPI; no `playwright install`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dg_edit.serve_process import ServeProcess
+
+from playwright.sync_api import sync_playwright
+
+pytestmark = pytest.mark.timeout(300)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+TOKEN = "browser-token"
+
+# Records every text the ghost (the draft shown in place) takes, as the page renders it.
+RECORD_DRAFTS = """
+window.__drafts = [];
+new MutationObserver(() => {
+  const ghost = document.getElementById("ghost");
+  if (ghost && !ghost.classList.contains("final")) window.__drafts.push(ghost.textContent);
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def service(model_dir):
+    # With a token, as a user exposing the page would run it: the page must carry it to the websocket.
+    with ServeProcess(["--model", str(model_dir)], env={"DG_EDIT_TOKEN": TOKEN}) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    context = browser.new_context(viewport={"width": 1100, "height": 640})
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
+    page.frames_received = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda f: page.frames_received.append(json.loads(f))))
+    page.add_init_script(RECORD_DRAFTS)
+    yield page
+    context.close()
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def open_page(page, service):
+    page.goto(f"{service.url}/?token={TOKEN}")
+    page.wait_for_selector('#connection[data-state="open"]', timeout=60_000)
+
+
+def test_infill_refines_in_place_and_tab_accepts(page, service):
+    open_page(page, service)
+    editor = page.locator("#editor")
+    editor.fill("")
+    editor.click()
+    page.keyboard.type("def area(width, height):\n    return \n\nprint(area(3, 4))\n")
+    # Cursor after "return ": up three lines from the end, then to the end of that line.
+    for _ in range(3):
+        page.keyboard.press("ArrowUp")
+    page.keyboard.press("End")
+    prefix, suffix = "def area(width, height):\n    return ", "\n\nprint(area(3, 4))\n"
+    assert page.evaluate("() => document.getElementById('editor').selectionStart") == len(prefix)
+    page.fill("#max-new-tokens", "64")
+    editor.focus()
+    page.keyboard.press("Control+Space")
+    page.wait_for_selector("#preview:not([hidden])")
+    page.wait_for_selector('#status[data-kind="done"]', timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-infill-done.png"))
+
+    done = [f for f in page.frames_received if f["type"] == "done"]
+    assert len(done) == 1, page.frames_received
+    final = done[0]["text"]
+    drafts = page.evaluate("() => window.__drafts")
+    distinct = [d for i, d in enumerate(drafts) if d and d not in drafts[:i]]
+    assert len(distinct) >= 2, f"the middle should visibly refine; drafts shown: {drafts!r}"
+    # The final text sits in place between prefix and suffix, inserted as text (never parsed as HTML).
+    assert page.text_content("#ghost") == final
+    assert page.text_content("#preview") == prefix + final + suffix
+    assert f"{done[0]['steps']} steps" in page.text_content("#status")
+    # Tab accepts: the editor now holds the middle, the cursor after it.
+    page.keyboard.press("Tab")
+    assert page.input_value("#editor") == prefix + final + suffix
+    caret = page.evaluate("() => document.getElementById('editor').selectionStart")
+    assert caret == utf16_len(prefix + final)  # JavaScript counts UTF-16 code units
+    assert page.is_hidden("#preview")
+    assert page.problems == []
+
+
+def test_drafts_are_shaded_by_confidence_and_escape_dismisses(page, service):
+    # Hold back the server's `done` frame so the page stays on its last draft for as long as we look.
+    held = []
+
+    def route(ws):
+        server = ws.connect_to_server()
+        ws.on_message(server.send)
+        server.on_message(lambda m: held.append(m) if json.loads(m)["type"] == "done" else ws.send(m))
+
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    open_page(page, service)
+    page.locator("#editor").focus()
+    page.keyboard.press("Control+Space")
+    page.wait_for_selector("#ghost .tok", state="attached", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('step')")
+    page.wait_for_timeout(300)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-infill-refining.png"))
+    classes = page.eval_on_selector_all("#ghost .tok", "els => els.map(e => e.className)")
+    assert classes and all(c.startswith("tok c") for c in classes), classes
+    titles = page.eval_on_selector_all("#ghost .tok", "els => els.map(e => e.title)")
+    assert all(t.startswith("confidence ") for t in titles), titles
+    before = page.input_value("#editor")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#preview")
+    assert page.input_value("#editor") == before, "dismissing never touches the text"
+    assert page.text_content("#status") == "dismissed"
+    assert page.problems == []
+
+
+def test_page_without_the_token_says_so_and_cannot_connect(browser, service):
+    context = browser.new_context()
+    page = context.new_page()
+    response = page.goto(service.url + "/")
+    assert response.status == 200  # the page itself is public; the websocket and /healthz are not
+    page.wait_for_selector('#status[data-kind="error"]', timeout=30_000)
+    assert "needs a token" in page.text_content("#status")
+    page.wait_for_selector('#connection[data-state="closed"]', timeout=30_000)
+    context.close()

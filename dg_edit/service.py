@@ -160,8 +160,9 @@ class Client:
             await asyncio.gather(*tasks, return_exceptions=True)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-            for session in self._sessions:
-                self.engine.forget(session)
+            loop = asyncio.get_running_loop()
+            for session in self._sessions:  # forget() waits for the engine's lock: not on the loop
+                await loop.run_in_executor(self.service.executor, self.engine.forget, session)
 
     # ------------------------------------------------------------------ incoming frames
     def _receive(self, message: str | bytes) -> None:

@@ -358,7 +358,6 @@ async def test_a_slow_reader_gets_coalesced_drafts_and_does_not_stall_others(ser
     assert all(f["type"] == "done" for f in finals)
     sent_steps = sum(len(frames[rid]) - 1 for rid in ids)
     run_steps = sum(f["steps"] for f in finals)
-    print("slow reader: sent", sent_steps, "of", run_steps)
     assert sent_steps < run_steps, (sent_steps, run_steps)
 
 

@@ -3,7 +3,9 @@
 Both carry the keys of `dg_edit.config.Settings` (snake_case, e.g. `max_new_tokens`, `candidates`,
 `languages`, `model`), either flat or under a `"dgEdit"` section; sampling names such as
 `max_denoising_steps` may sit at the top level. They are read with `Settings.from_dict` on top of the
-command line's settings, so the defaults have one source and unknown keys are reported. A bad
+command line's settings (for didChangeConfiguration: on top of the command line plus
+initializationOptions, so each change replaces the previous change), so the defaults have one
+source and unknown keys are reported. A bad
 configuration is shown to the user (`window/showMessage`) and the previous settings stay in force.
 """
 
@@ -31,21 +33,23 @@ def parse(options: Any, base: Settings) -> Settings:
     return Settings.from_dict(options, base=base)
 
 
-def _apply(ls: DgEditServer, options: Any, source: str) -> None:
+def _apply(ls: DgEditServer, options: Any, source: str) -> bool:
     try:
         settings = parse(options, ls.base_settings)
     except ValueError as e:
         message = f"dg-edit: ignoring invalid {source}: {e}"
         ls.log(message, types.MessageType.Error)
         ls.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
-        return
+        return False
     ls.settings = settings
     ls.host.start(settings)  # loads, reloads (other model) or re-wraps (other windows) as needed
+    return True
 
 
 def on_initialize(ls: DgEditServer, params: types.InitializeParams) -> None:
     """Read initializationOptions and start loading the model (the answer does not wait for it)."""
-    _apply(ls, params.initialization_options, "initializationOptions")
+    if _apply(ls, params.initialization_options, "initializationOptions"):
+        ls.base_settings = ls.settings  # later configuration changes apply on top of these
     if not ls.host.started:
         ls.host.start(ls.settings)
     asyncio.ensure_future(report_load(ls))

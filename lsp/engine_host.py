@@ -30,10 +30,16 @@ logger = logging.getLogger(__name__)
 _WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens")
 
 
-class EngineUnavailable(JsonRpcException):
+class RequestFailed(JsonRpcException):
+    """LSP RequestFailed: the request was valid but could not be served (no model, timed out)."""
+
+    CODE = -32803
+    MESSAGE = "dg-edit: request failed"
+
+
+class EngineUnavailable(RequestFailed):
     """The model could not be loaded (bad path, broken weights): every model request gets this error."""
 
-    CODE = -32803  # LSP RequestFailed
     MESSAGE = "dg-edit: the model is not available"
 
 

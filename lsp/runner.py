@@ -4,7 +4,8 @@ Every model-backed feature (inline completion, completion, the rewrite/infill co
 through `run_events`, so they share one boundary: the engine iterates in a worker thread
 (`dg_edit.aio.aiter_events`), cancelling the handler's task stops the denoising loop before its next
 step, a `ValueError` from the engine (bad input) becomes InvalidParams, and anything else is a
-model failure: logged with `window/logMessage` and answered with an error, never a crash.
+model failure: logged with `window/logMessage` and answered with an error, never a crash. A request
+running longer than `settings.request_timeout_s` is stopped and answered with RequestFailed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dg_edit.aio import aiter_events
 from dg_edit.events import Done, Step
 
 from .documents import Cursor
+from .engine_host import RequestFailed
 from .progress import StepReporter
 from .state import DgEditServer
 
@@ -31,15 +33,20 @@ async def run_events(ls: DgEditServer, make_events: Callable[[], Iterator[Step |
                      reporter: StepReporter | None = None) -> Done:
     """Consume one engine stream on the loop; returns its `Done`."""
     done: Done | None = None
+    timeout = ls.settings.request_timeout_s
     try:
-        async for event in aiter_events(make_events):
-            if isinstance(event, Step):
-                if reporter is not None:
-                    reporter.step(event)
-            elif isinstance(event, Done):
-                done = event
+        async with asyncio.timeout(timeout):
+            async for event in aiter_events(make_events):
+                if isinstance(event, Step):
+                    if reporter is not None:
+                        reporter.step(event)
+                elif isinstance(event, Done):
+                    done = event
     except (asyncio.CancelledError, JsonRpcException):
         raise
+    except TimeoutError:
+        raise RequestFailed(f"dg-edit: the model took longer than request_timeout_s={timeout:g} s; "
+                            "request stopped") from None
     except ValueError as e:
         raise JsonRpcInvalidParams(f"dg-edit: {e}") from None
     except Exception as e:

@@ -60,7 +60,8 @@ Errors
 -32800 RequestCancelled after $/cancelRequest.
 -32801 ContentModified  the document changed (didChange to a newer version) while the request ran:
                         no result is ever sent for an older version.
--32803 RequestFailed    the model could not be loaded (message says why).
+-32803 RequestFailed    the model could not be loaded (message says why), or the request ran longer
+                        than request_timeout_s.
 -32603 InternalError    a model failure (also logged with window/logMessage); the server lives on.
 
 Configuration: initializationOptions / workspace/didChangeConfiguration
@@ -69,7 +70,10 @@ Keys of dg_edit.config.Settings, flat or under "dgEdit" (unknown keys → error 
     model (str, "" = embedded), max_new_tokens (48), candidates (3), languages (["*"] or languageIds),
     max_prefix_tokens (2048), max_suffix_tokens (512), suffix_head_tokens (16), debounce_ms (150,
     for plug-ins), sampling ({...}) — and sampling names at the top level, e.g.
-    max_denoising_steps, t_min, t_max, entropy_bound. A changed `model` reloads the engine.
+    max_denoising_steps, t_min, t_max, entropy_bound; request_timeout_s (60). A changed `model`
+    reloads the engine. Each didChangeConfiguration replaces the previous one (applied on top of the
+    command line + initializationOptions, not of the last change). An empty/null `settings` makes the server
+    pull the "dgEdit" section with workspace/configuration (if the client supports it).
 """
 
 from __future__ import annotations

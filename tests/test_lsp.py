@@ -342,6 +342,17 @@ async def test_stale_versions_get_no_result(lsp):
     assert all(item.command.arguments[0]["version"] == 2 for item in result.items)
 
 
+async def test_request_timeout_stops_a_long_request(lsp):
+    lsp.configure({**SLOW, "request_timeout_s": 0.05})
+    try:
+        with pytest.raises(JsonRpcException) as info:
+            await lsp.inline(lsp.open(PY_DOC), PY_CURSOR, invoked=True)
+        assert info.value.code == -32803 and "request_timeout_s" in info.value.message
+    finally:
+        lsp.configure(NORMAL)
+    assert (await lsp.stats())["inflight"] == 0
+
+
 # ---------------------------------------------------------------------- bad input
 
 

@@ -519,6 +519,31 @@ async def test_rewrite_refused_by_the_editor_and_empty_selection(lsp):
     assert info.value.code == -32602
 
 
+async def test_cancelled_rewrite_never_edits_the_buffer(lsp):
+    lsp.configure(SLOW)
+    try:
+        uri = lsp.open(PY_DOC * 3)
+        rng = t.Range(start=t.Position(line=0, character=0), end=t.Position(line=20, character=0))
+        msg_id = f"rw-{uuid.uuid4().hex}"
+        edits_before = len(lsp.edits)
+        pending = lsp.client.protocol.send_request_async(t.WORKSPACE_EXECUTE_COMMAND, t.ExecuteCommandParams(
+            command="dg-edit.rewrite", arguments=[{"uri": uri, "range": _json_range(rng), "strength": 1.0}]),
+            msg_id=msg_id)
+        await wait_for(lambda: any(c["requestId"] == msg_id for c in lsp.canvas), 60)
+        lsp.cancel(msg_id)
+        with pytest.raises(JsonRpcException) as info:
+            await asyncio.wait_for(pending, 10)
+        assert info.value.code == -32800
+        await wait_for(lambda: any(c["requestId"] == msg_id and c["done"] for c in lsp.canvas))
+        steps = [c["step"] for c in lsp.canvas if c["requestId"] == msg_id]
+        await asyncio.sleep(0.5)
+        assert [c["step"] for c in lsp.canvas if c["requestId"] == msg_id] == steps  # the model stopped
+        assert len(lsp.edits) == edits_before
+        assert (await lsp.stats())["inflight"] == 0
+    finally:
+        lsp.configure(NORMAL)
+
+
 async def test_infill_command_inserts_at_the_position(lsp):
     uri = lsp.open(PY_DOC)
     out = await lsp.execute("dg-edit.infill", {"uri": uri, "position": {"line": 5, "character": 11}})

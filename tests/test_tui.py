@@ -107,6 +107,19 @@ class FailingEngine:
         return self._failing(self.engine.stream_rewrite(*args, **kwargs))
 
 
+def proposal_styles(editor) -> list[str]:
+    """The proposal styles painted on the lines of the pending proposal, as the renderer sees them."""
+    p = editor.proposal
+    names = {f"proposal--{n}": n for n in ("settled", "tentative", "faint", "inserted", "deleted")}
+    styles = {editor.get_component_rich_style(c): n for c, n in names.items()}
+    found = []
+    for row in range(p.start[0], p.end[0] + 1):
+        for span in editor.get_line(row).spans:
+            if span.style in styles:
+                found.append(styles[span.style])
+    return found
+
+
 def split(text: str, row: int, col: int) -> tuple[str, str]:
     lines = text.split("\n")
     offset = sum(len(line) + 1 for line in lines[:row]) + col
@@ -139,6 +152,9 @@ async def test_infill_refines_in_place_step_by_step_and_tab_accepts(source_file,
                 assert editor.text == prefix + editor.get_text_range(proposal.start, proposal.end) + suffix
                 assert "tok/fwd" in app.status.progress and " ms" in app.status.progress
                 assert app.canvas_panel.step.index == n
+                if proposal.start != proposal.end:  # the draft is painted as a proposal, token by token
+                    assert set(proposal_styles(editor)) <= {"settled", "tentative", "faint"}
+                    assert proposal_styles(editor)
             assert app.canvas_panel.step is not None, "no step was shown before the result"
             for _ in range(200):
                 gated.gate.release()
@@ -245,6 +261,22 @@ async def test_canvas_panel_toggles_and_shows_the_canvas(source_file, engine):
         assert not panel.display
 
 
+async def test_python_is_highlighted_with_line_numbers(source_file):
+    app = DgEditApp(source_file)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        editor = app.editor
+        assert editor.show_line_numbers
+        assert editor.language == "python" and editor.is_syntax_aware  # needs textual[syntax] (tree-sitter)
+        editor.move_cursor((2, 0))
+        await pilot.pause()
+        cells = [(ch, seg.style.color) for seg in editor.render_line(0) for ch in seg.text]  # "1  import os"
+        line = "".join(ch for ch, _ in cells)
+        assert line.lstrip().startswith("1  import os")
+        keyword, name = cells[line.index("import") + 2][1], cells[line.index(" os") + 1][1]
+        assert keyword != name  # the keyword has its own colour
+
+
 # ---------------------------------------------------------------------------------------------- rewrite
 async def test_rewrite_shows_a_diff_then_tab_applies_and_ctrl_z_undoes(source_file, engine):
     app = DgEditApp(source_file, engine=engine)
@@ -266,6 +298,8 @@ async def test_rewrite_shows_a_diff_then_tab_applies_and_ctrl_z_undoes(source_fi
         assert proposal.kind == "rewrite" and proposal.original == original
         assert app.phase == "rewrite: review"
         assert "chars" in app.status.progress  # +inserted −deleted
+        if proposal.final != original:  # shown as a diff: what goes and what comes
+            assert {"deleted", "inserted"} & set(proposal_styles(editor))
         assert editor.committed_text() == SOURCE
         final = proposal.final
         await pilot.press("tab")

@@ -109,7 +109,7 @@ class DgEditApp(App[int]):
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
-    phase: reactive[str] = reactive("loading model")
+    phase: reactive[str] = reactive("opening")  # then loading model, ready / no model, infill: ..., rewrite: ...
     dirty: reactive[bool] = reactive(False)
     show_canvas: reactive[bool] = reactive(False)
 
@@ -149,12 +149,6 @@ class DgEditApp(App[int]):
         self.sub_title = str(self.path)
         self.editor.read_only = True  # until the file is open
         self._open_file()
-        if self.engine is not None:
-            self.phase = "ready"
-        elif self._load_engine is not None:
-            self.load_model()
-        else:
-            self.phase = "no model"
 
     # ------------------------------------------------------------------ reactives
     def watch_phase(self, phase: str) -> None:
@@ -217,6 +211,14 @@ class DgEditApp(App[int]):
         self.dirty = False
         self.editor.focus()
         self.refresh_bindings()
+        # The model loads only once there is a file to edit: a file that cannot be opened quits at once.
+        if self.engine is not None:
+            self.phase = "ready"
+        elif self._load_engine is not None:
+            self.phase = "loading model"
+            self.load_model()
+        else:
+            self.phase = "no model"
 
     def on_text_area_changed(self, event: EditorArea.Changed) -> None:
         if self.saved_text is not None:

@@ -17,8 +17,11 @@ MINIMAL_VISION = dict(
 )
 
 PRESETS = {
-    # the shipped model
-    "default": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+    # the shipped model: sized for the CPU this was trained on (2 shared cores, no AMX)
+    "default": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=3,
+                    head_dim=64, intermediate_size=512, num_experts=2, top_k_experts=1,
+                    moe_intermediate_size=512),
+    "d256l6": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
                     head_dim=64, intermediate_size=768, num_experts=2, top_k_experts=1,
                     moe_intermediate_size=768),
     "wide": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
@@ -40,6 +43,8 @@ def make_config(preset: str = "default", canvas_length: int = 64, vocab_size: in
     text = dict(PRESETS[preset])
     text.update(overrides)
     head_dim = text["head_dim"]
+    n = text["num_hidden_layers"]
+    text.setdefault("layer_types", ["sliding_attention"] * (n - 1) + ["full_attention"])
     text.update(
         vocab_size=vocab_size,
         max_position_embeddings=4096,

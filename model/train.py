@@ -189,6 +189,7 @@ def validation_batches(vcorpus: Corpus, args, vocab_size: int, n: int):
 def evaluate(model, vbatches, args) -> dict:
     model.eval()
     tot_loss = tot_acc = n = 0.0
+    content_hit = content_n = 0.0
     kind_acc = {0: [0.0, 0.0], 1: [0.0, 0.0]}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         for batch, noisy, noised in vbatches:
@@ -201,6 +202,9 @@ def evaluate(model, vbatches, args) -> dict:
             hit = (lg.argmax(-1) == tg).float()
             tot_acc += float(hit.sum())
             n += int(sel.sum())
+            content = tg > MASK_ID  # not <pad>/<eos>/<bos>/<mask>: the code tokens themselves
+            content_hit += float(hit[content].sum())
+            content_n += int(content.sum())
             rows = torch.from_numpy(batch.kinds)[:, None].expand_as(sel)[sel]
             for k in (0, 1):
                 kind_acc[k][0] += float(hit[rows == k].sum())
@@ -209,6 +213,7 @@ def evaluate(model, vbatches, args) -> dict:
     return dict(
         val_loss=tot_loss / max(n, 1),
         val_acc=tot_acc / max(n, 1),
+        val_acc_content=content_hit / max(content_n, 1),
         val_acc_continuation=kind_acc[0][0] / max(kind_acc[0][1], 1),
         val_acc_infill=kind_acc[1][0] / max(kind_acc[1][1], 1),
         val_tokens=int(n),
@@ -251,6 +256,7 @@ def export(ckpt_path: Path, out_dir: Path, tokenizer_dir: Path = DEFAULT_DIR, dg
 def export_model(model, out_dir: Path, tokenizer_dir: Path = DEFAULT_DIR, dg_edit: dict | None = None,
                  noise: str = "mask") -> Path:
     from transformers import DiffusionGemmaGenerationConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +271,7 @@ def export_model(model, out_dir: Path, tokenizer_dir: Path = DEFAULT_DIR, dg_edi
         settings.update(dg_edit)
     model.generation_config = DiffusionGemmaGenerationConfig(
         max_denoising_steps=settings["max_denoising_steps"],
-        sampler_config={"entropy_bound": settings["entropy_bound"]},
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(settings["entropy_bound"])),
         t_min=settings["t_min"],
         t_max=settings["t_max"],
         stability_threshold=settings["stability_threshold"],
@@ -318,6 +324,7 @@ def parse_args(argv):
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--export", type=Path, help="export this checkpoint and exit")
+    ap.add_argument("--validate", type=Path, help="print validation figures of this checkpoint and exit")
     ap.add_argument("--to", type=Path, default=DEFAULT_DIR, help="export destination")
     return ap.parse_args(argv)
 
@@ -330,6 +337,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.validate:
+        from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+        ck = torch.load(args.validate, map_location="cpu", weights_only=False)
+        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_dict(ck["config"]))
+        model.load_state_dict(ck["model"])
+        args.noise = ck["args"]["noise"]
+        _, vcorpus, _, _ = load_corpus(args.tokenizer)
+        v = evaluate(model, validation_batches(vcorpus, args, model.config.text_config.vocab_size,
+                                               args.eval_batches), args)
+        v.update(noise=args.noise, step=ck["step"], tokens=ck["tokens"], minutes=round(ck["elapsed"] / 60, 2))
+        print(json.dumps(v))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "ckpt.pt"
     log = open(args.out / "log.jsonl", "a")
@@ -386,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         n_tok = batch.n_tokens
         tokens += n_tok
         win_tok += n_tok
-        win_loss += float(out["diff_loss"])
+        win_loss += out["diff_loss"].item()
         win_acc += float(out["acc"])
-        win_ar += float(out.get("ar_loss", 0.0))
+        win_ar += out["ar_loss"].item() if "ar_loss" in out else 0.0
         win_n += 1
         if step % args.log_every == 0:
             dt = time.time() - win_t

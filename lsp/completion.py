@@ -55,4 +55,4 @@ async def completion(ls: DgEditServer, params: types.CompletionParams) -> types.
 
 
 def register(server: DgEditServer) -> None:
-    server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))(completion)
+    server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False, work_done_progress=True))(completion)

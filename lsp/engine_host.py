@@ -58,9 +58,11 @@ def preload_imports() -> threading.Thread:
 class EngineHost:
     """Loads, warms up and swaps the engine; `await host.get()` returns it or raises `EngineUnavailable`."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, warm_up: bool = True):
+    def __init__(self, device: str | None = None, dtype: str | None = None, threads: int | None = None,
+                 warm_up: bool = True):
         self.device = device
         self.dtype = dtype
+        self.threads = threads  # torch CPU threads, set in the loading thread (importing torch takes seconds)
         self.warm_up = warm_up
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dg-edit-load")
         self._future: Future | None = None
@@ -133,8 +135,12 @@ class EngineHost:
 
     # ------------------------------------------------------------------ worker thread
     def _load(self, settings: Settings) -> "Engine":
+        import torch
+
         from dg_edit.engine import Engine
 
+        if self.threads:
+            torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings)
         if self.warm_up:

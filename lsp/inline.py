@@ -73,5 +73,5 @@ def accepted(ls: DgEditServer, *args: Any) -> None:
 
 
 def register(server: DgEditServer) -> None:
-    server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
+    server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions(work_done_progress=True))(inline_completion)
     server.command(ACCEPTED)(accepted)

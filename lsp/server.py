@@ -149,12 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--log-level: {e}") from None
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("pygls.protocol.json_rpc").addFilter(_AnsweredErrors())
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     preload_imports()
-    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype))
+    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype, threads=args.threads))
     try:
         if tcp is not None:
             server.start_tcp(*tcp)

@@ -1,0 +1,57 @@
+--- Small helpers shared by the dg-edit modules: the client, document versions, position encodings.
+
+local M = {}
+
+M.CLIENT_NAME = "dg_edit"
+
+--- The dg-edit client attached to `bufnr`, if any.
+--- @return vim.lsp.Client?
+function M.client(bufnr)
+  return vim.lsp.get_clients({ bufnr = bufnr, name = M.CLIENT_NAME })[1]
+end
+
+--- The document version Neovim reports to servers for `bufnr` (its changedtick).
+function M.version(bufnr)
+  return vim.lsp.util.buf_versions[bufnr]
+end
+
+function M.notify(msg, level)
+  vim.notify("dg-edit: " .. msg, level or vim.log.levels.INFO)
+end
+
+local function line_text(bufnr, row)
+  return vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ""
+end
+
+--- LSP character offset (in `encoding` units) on 0-based `row` -> byte column.
+function M.lsp_to_byte(bufnr, row, character, encoding)
+  local line = line_text(bufnr, row)
+  if character <= 0 then
+    return 0
+  end
+  local ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
+  return ok and col or #line
+end
+
+--- Byte column on 0-based `row` -> LSP character offset in `encoding` units.
+function M.byte_to_lsp(bufnr, row, col, encoding)
+  local line = line_text(bufnr, row)
+  if col <= 0 then
+    return 0
+  end
+  local ok, character = pcall(vim.str_utfindex, line, encoding, math.min(col, #line), false)
+  return ok and character or col
+end
+
+--- The buffer of `client` whose URI is `uri` (nil when none is attached; never creates one).
+--- @return integer?
+function M.attached_buf(client, uri)
+  for bufnr in pairs(client.attached_buffers) do
+    if vim.uri_from_bufnr(bufnr) == uri then
+      return bufnr
+    end
+  end
+  return nil
+end
+
+return M

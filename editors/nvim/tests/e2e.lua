@@ -1,0 +1,301 @@
+-- End-to-end scenarios for the dg-edit Neovim plug-in against the real `dg-edit lsp`.
+--
+-- Run by tests/test_nvim.py as
+--   nvim --headless --clean --cmd "set rtp^=editors/nvim" -c "luafile editors/nvim/tests/e2e.lua"
+-- with DG_EDIT_E2E = JSON {cmd, file, out, scenario}. The scenario runs in a coroutine so the
+-- editor's main loop keeps running: keys go through typeahead (mappings, TextChangedI, timers)
+-- exactly as when a person types. It writes what it observed to `out` as JSON and quits;
+-- pytest makes the assertions.
+
+local spec = vim.json.decode(vim.env.DG_EDIT_E2E)
+local obs = { scenario = spec.scenario, events = {} }
+
+local function note(name, value)
+  obs[name] = value
+end
+
+local function event(what)
+  obs.events[#obs.events + 1] = what
+end
+
+local function finish(err)
+  if err then
+    obs.error = tostring(err)
+  end
+  local f = assert(io.open(spec.out, "w"))
+  f:write(vim.json.encode(obs))
+  f:close()
+  vim.cmd("qall!")
+end
+
+local co
+local function sleep(ms)
+  vim.defer_fn(function()
+    local ok, err = coroutine.resume(co)
+    if not ok then
+      finish(err)
+    end
+  end, ms)
+  coroutine.yield()
+end
+
+--- Poll `cond` every 20 ms; error with `what` after `timeout` ms.
+local function wait_for(what, timeout, cond)
+  local deadline = vim.uv.now() + timeout
+  while true do
+    local value = cond()
+    if value then
+      return value
+    end
+    if vim.uv.now() > deadline then
+      error("timed out waiting for " .. what, 2)
+    end
+    sleep(20)
+  end
+end
+
+local function type_keys(keys)
+  -- "m": through mappings (the plug-in's <Tab>), "t": as if typed by the user.
+  vim.api.nvim_feedkeys(vim.keycode(keys), "mt", false)
+end
+
+local dg = require("dg_edit")
+local util = require("dg_edit.util")
+local inline = require("dg_edit.inline")
+
+dg.setup({
+  cmd = spec.cmd,
+  auto_trigger = spec.auto_trigger or false,
+  debounce_ms = spec.debounce_ms,
+  settings = spec.settings or {},
+  lsp = spec.lsp or {},
+})
+
+-- Tee the server's dgEdit/canvas notifications: `done` carries each request's final text.
+local canvases = {}
+local function tee_canvas(client)
+  local original = client.handlers["dgEdit/canvas"]
+  client.handlers["dgEdit/canvas"] = function(err, params, ctx)
+    canvases[#canvases + 1] = params
+    return original(err, params, ctx)
+  end
+end
+
+local function done_for(request_id)
+  for _, c in ipairs(canvases) do
+    if c.done and tostring(c.requestId) == tostring(request_id) then
+      return c
+    end
+  end
+end
+
+local function buffer_text(bufnr)
+  return table.concat(vim.api.nvim_buf_get_lines(bufnr, 0, -1, false), "\n")
+end
+
+--- Open the file, wait for the server, put the cursor at the end of line `row` in insert mode.
+local function open_at_end_of(row)
+  vim.cmd.edit(vim.fn.fnameescape(spec.file))
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = wait_for("the dg-edit client to attach", 30000, function()
+    local c = util.client(bufnr)
+    return c and c.initialized and c
+  end)
+  tee_canvas(client)
+  note("offset_encoding", client.offset_encoding)
+  note("has_native_inline_completion", vim.lsp.inline_completion ~= nil)
+  vim.api.nvim_win_set_cursor(0, { row, 0 })
+  type_keys("A")
+  wait_for("insert mode", 2000, function()
+    return vim.fn.mode() == "i"
+  end)
+  return bufnr, client
+end
+
+--- The server's counters (dgEdit/stats), asked synchronously.
+local function server_stats(client)
+  local done, answer
+  client:request("dgEdit/stats", vim.empty_dict(), function(err, result)
+    done, answer = true, err and { error = err } or result
+  end)
+  wait_for("dgEdit/stats", 10000, function()
+    return done
+  end)
+  if answer then
+    answer.recent = nil
+  end
+  return answer
+end
+
+local scenarios = {}
+
+-- Trigger, see the server's text as ghost text, accept it with <Tab>.
+function scenarios.accept()
+  local bufnr = open_at_end_of(spec.row)
+  local before = buffer_text(bufnr)
+  note("before", before)
+  note("version_before", util.version(bufnr))
+  type_keys("<M-\\>")
+  local shown = wait_for("a suggestion", 120000, function()
+    return inline.current(bufnr)
+  end)
+  note("ghost", dg.ghost_text(bufnr))
+  note("shown_text", shown.text)
+  -- Extmarks show control characters the way Neovim prints them (^\ for \x1c): compare like that.
+  note("shown_text_displayed", table.concat(vim.tbl_map(vim.fn.strtrans, vim.split(shown.text, "\n", { plain = true })), "\n"))
+  note("shown_version", shown.version)
+  note("version_at_ghost", util.version(bufnr))
+  local request_id = nil
+  for _, c in ipairs(canvases) do
+    if c.done then
+      request_id = c.requestId
+    end
+  end
+  local done = done_for(request_id)
+  note("server_final_text", done and done.text)
+  note("canvas_steps", #canvases)
+  note("buffer_while_ghost", buffer_text(bufnr)) -- ghost text must not be in the buffer
+  type_keys("<Tab>")
+  wait_for("the suggestion to be inserted", 5000, function()
+    return buffer_text(bufnr) ~= before
+  end)
+  note("after", buffer_text(bufnr))
+  note("ghost_after_accept", dg.ghost_text(bufnr))
+  local cursor = vim.api.nvim_win_get_cursor(0)
+  note("cursor_after_accept", cursor)
+  -- <Tab> with nothing visible falls through to a real tab (the python ftplugin would expand it).
+  vim.bo[bufnr].expandtab = false
+  vim.bo[bufnr].softtabstop = 0
+  local without = buffer_text(bufnr)
+  type_keys("<Tab>")
+  wait_for("the fall-through tab", 5000, function()
+    return buffer_text(bufnr) ~= without
+  end)
+  note("after_plain_tab", buffer_text(bufnr))
+  type_keys("<Esc>")
+end
+
+-- Trigger and type on at once: the request is cancelled, and no ghost text for the old text stays.
+function scenarios.cancel_on_type()
+  local bufnr, client = open_at_end_of(spec.row)
+  note("before", buffer_text(bufnr))
+  type_keys("<M-\\>x")
+  wait_for("the typed character", 5000, function()
+    return buffer_text(bufnr) ~= obs.before
+  end)
+  note("after_typing", buffer_text(bufnr))
+  note("ghost_right_after_typing", dg.ghost_text(bufnr))
+  -- Wait until the server has answered the cancelled request (-32800 or a late result), then a bit more.
+  wait_for("the first request to end", 120000, function()
+    return next(client.requests) == nil
+  end)
+  sleep(300)
+  note("stats", server_stats(client))
+  note("canvases", canvases)
+  note("ghost_after_request_ended", dg.ghost_text(bufnr))
+  note("visible_after_request_ended", dg.visible(bufnr))
+  -- <C-]> dismisses a visible suggestion: trigger again, wait, dismiss.
+  type_keys("<M-\\>")
+  wait_for("a second suggestion", 120000, function()
+    return inline.current(bufnr)
+  end)
+  note("ghost_before_dismiss", dg.ghost_text(bufnr))
+  type_keys("<C-]>")
+  wait_for("the dismissal", 5000, function()
+    return not dg.visible(bufnr)
+  end)
+  note("ghost_after_dismiss", dg.ghost_text(bufnr))
+  note("buffer_after_dismiss", buffer_text(bufnr))
+  type_keys("<Esc>")
+end
+
+-- An answer for an older version is dropped, even when nothing else cancelled the request.
+-- tests/test_nvim.py holds back Neovim's didChange (flags.debounce_text_changes) so the server
+-- answers before it hears of the edit: only the plug-in's version check stands in the way.
+function scenarios.stale_answer()
+  local bufnr, client = open_at_end_of(spec.row)
+  type_keys("<Esc>")
+  wait_for("normal mode", 2000, function()
+    return vim.fn.mode() == "n"
+  end)
+  -- Warm up: one answered request, so the next one is not waiting for the model to load.
+  inline.request(bufnr, false)
+  wait_for("the warm-up answer", 120000, function()
+    return next(client.requests) == nil
+  end)
+  inline.dismiss(bufnr)
+  note("stats_before", server_stats(client))
+  -- Send the request from normal mode, then change the text through the API: no TextChangedI,
+  -- so the plug-in's cancel-on-type does not run; only the version check can drop the answer.
+  note("sent", inline.request(bufnr, false))
+  local version_sent = util.version(bufnr)
+  vim.api.nvim_buf_set_lines(bufnr, -1, -1, false, { "# edited while the model ran" })
+  note("version_sent", version_sent)
+  note("version_now", util.version(bufnr))
+  wait_for("the request to end", 120000, function()
+    return next(client.requests) == nil
+  end)
+  note("answered_at", vim.uv.now())
+  note("ghost", dg.ghost_text(bufnr))
+  note("visible", dg.visible(bufnr))
+  note("stats", server_stats(client))
+end
+
+-- Auto-trigger while typing: the ghost on screen always belongs to the current text.
+function scenarios.auto_trigger()
+  local bufnr = open_at_end_of(spec.row)
+  type_keys("a")
+  sleep(30)
+  type_keys("b")
+  local shown = wait_for("an automatic suggestion", 120000, function()
+    return inline.current(bufnr)
+  end)
+  note("shown_version", shown.version)
+  note("version_now", util.version(bufnr))
+  note("ghost", dg.ghost_text(bufnr))
+  note("buffer", buffer_text(bufnr))
+  note("canvases", canvases)
+  type_keys("<Esc>")
+end
+
+-- :DgEditRewrite on a visual selection: the server's rewrite replaces exactly the selection.
+function scenarios.rewrite()
+  vim.cmd.edit(vim.fn.fnameescape(spec.file))
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = wait_for("the dg-edit client to attach", 30000, function()
+    local c = util.client(bufnr)
+    return c and c.initialized and c
+  end)
+  tee_canvas(client)
+  note("before", buffer_text(bufnr))
+  -- Select line `row` linewise, then run the command the way a user does (:'<,'>DgEditRewrite).
+  vim.api.nvim_win_set_cursor(0, { spec.row, 0 })
+  type_keys("V<Esc>")
+  wait_for("the visual selection", 2000, function()
+    return vim.api.nvim_buf_get_mark(bufnr, ">")[1] == spec.row and vim.fn.mode() == "n"
+  end)
+  vim.cmd("'<,'>DgEditRewrite simplify")
+  note("pending_after_command", next(client.requests) ~= nil)
+  wait_for("the rewrite to finish", 120000, function()
+    return next(client.requests) == nil
+  end)
+  sleep(100)
+  local final
+  for _, c in ipairs(canvases) do
+    if c.done then
+      final = c
+    end
+  end
+  note("server_final_text", final and final.text)
+  note("after", buffer_text(bufnr))
+  note("stats", server_stats(client))
+end
+
+co = coroutine.create(function()
+  local ok, err = xpcall(scenarios[spec.scenario], debug.traceback)
+  finish(not ok and err or nil)
+end)
+local ok, err = coroutine.resume(co)
+if not ok then
+  finish(err)
+end

@@ -1,0 +1,131 @@
+"""End to end: the Neovim plug-in (editors/nvim) in a real headless Neovim 0.11 against the real
+`dg-edit lsp` and the test model.
+
+Each test runs one scenario of editors/nvim/tests/e2e.lua, which types keys through Neovim's
+typeahead (so mappings, autocommands and timers run as for a person) and reports what it saw as
+JSON; the assertions are here. The model's text is never judged, only where it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from editor_tools import REPO, editor_tools, lsp_command, server_env
+
+PLUGIN = REPO / "editors" / "nvim"
+SCRIPT = PLUGIN / "tests" / "e2e.lua"
+
+SOURCE = 'def add(a, b):\n    return \n\n\nprint(add(1, 2))\n'
+CURSOR_ROW = 2  # 1-based: the cursor goes to the end of "    return "
+
+
+@pytest.fixture(scope="module")
+def nvim() -> str:
+    tools = editor_tools()
+    out = subprocess.run([tools["nvim"], "--version"], capture_output=True, text=True, timeout=30).stdout
+    assert out.startswith(f"NVIM v{tools['nvim_version']}"), out
+    return tools["nvim"]
+
+
+def run_scenario(nvim: str, model_dir: Path, tmp_path: Path, scenario: str, **extra) -> dict:
+    source = tmp_path / "example.py"
+    source.write_text(extra.pop("source", SOURCE))
+    out = tmp_path / f"{scenario}.json"
+    spec = {"cmd": lsp_command(model_dir), "file": str(source), "out": str(out), "scenario": scenario,
+            "row": CURSOR_ROW, **extra}
+    env = server_env()
+    env["DG_EDIT_E2E"] = json.dumps(spec)
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # the LSP log goes here, not to ~
+    proc = subprocess.run(
+        [nvim, "--headless", "--clean", "--cmd", f"set rtp^={PLUGIN}", "-c", f"luafile {SCRIPT}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert out.exists(), f"nvim wrote no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    obs = json.loads(out.read_text())
+    assert "error" not in obs, obs["error"] + "\n" + _lsp_log(tmp_path)
+    obs["source_file"] = source
+    return obs
+
+
+def _lsp_log(tmp_path: Path) -> str:
+    log = tmp_path / "state" / "nvim" / "lsp.log"
+    return log.read_text()[-4000:] if log.exists() else ""
+
+
+@pytest.mark.timeout(300)
+def test_suggestion_is_drawn_from_the_server_and_tab_accepts_it(nvim, model_dir, tmp_path):
+    obs = run_scenario(nvim, model_dir, tmp_path, "accept")
+    assert obs["has_native_inline_completion"] is False  # 0.11: the plug-in's own path is tested
+    before = obs["before"]
+    prefix, suffix = before[: before.index("return ") + len("return ")], before[before.index("return ") + 7:]
+    ghost = obs["ghost"]
+    assert ghost, "no ghost text drawn"
+    # The ghost text is the server's answer for the version on screen, not something made up.
+    assert obs["shown_text"] == obs["server_final_text"]
+    assert ghost == obs["shown_text_displayed"]
+    assert obs["shown_version"] == obs["version_at_ghost"]
+    assert obs["canvas_steps"] >= 2  # at least one refining draft before the final text
+    # Ghost text lives in extmarks only: the buffer is untouched until accepted.
+    assert obs["buffer_while_ghost"] == before
+    # <Tab> inserts exactly the suggestion at the cursor and puts the cursor after it.
+    text = obs["shown_text"]
+    assert obs["after"] == prefix + text + suffix
+    assert obs["ghost_after_accept"] == ""
+    inserted_lines = (prefix + text).split("\n")
+    assert obs["cursor_after_accept"] == [len(inserted_lines), len(inserted_lines[-1].encode())]
+    # With no suggestion visible, <Tab> is an ordinary tab.
+    assert obs["after_plain_tab"] == prefix + text + "\t" + suffix
+
+
+@pytest.mark.timeout(300)
+def test_typing_on_cancels_and_leaves_no_stale_ghost_text(nvim, model_dir, tmp_path):
+    obs = run_scenario(nvim, model_dir, tmp_path, "cancel_on_type")
+    assert obs["after_typing"] == obs["before"].replace("return \n", "return x\n", 1)
+    assert obs["ghost_right_after_typing"] == ""
+    assert obs["ghost_after_request_ended"] == ""
+    assert obs["visible_after_request_ended"] is False
+    # The server saw the cancellation: the first request was stopped, not answered.
+    assert obs["stats"]["cancelled"] >= 1, obs["stats"]
+    assert obs["stats"]["completed"] == 0, obs["stats"]
+    # <C-]> dismisses a visible suggestion without touching the buffer.
+    assert obs["ghost_before_dismiss"]
+    assert obs["ghost_after_dismiss"] == ""
+    assert obs["buffer_after_dismiss"] == obs["after_typing"]
+
+
+@pytest.mark.timeout(300)
+def test_answer_for_an_older_version_is_dropped(nvim, model_dir, tmp_path):
+    # Neovim holds its didChange back for 20 s, so the server answers for the old text.
+    obs = run_scenario(nvim, model_dir, tmp_path, "stale_answer", lsp={"flags": {"debounce_text_changes": 20000}})
+    assert obs["sent"] is True
+    assert obs["version_now"] > obs["version_sent"]
+    # The server did send a result for the old version (it had not heard of the edit yet) ...
+    before, after = obs["stats_before"], obs["stats"]
+    assert after["completed"] == before["completed"] + 1, (before, after)
+    # ... and the plug-in dropped it: nothing drawn.
+    assert obs["ghost"] == ""
+    assert obs["visible"] is False
+
+
+@pytest.mark.timeout(300)
+def test_auto_trigger_shows_a_suggestion_for_the_current_text(nvim, model_dir, tmp_path):
+    obs = run_scenario(nvim, model_dir, tmp_path, "auto_trigger", auto_trigger=True, debounce_ms=50)
+    assert "return ab\n" in obs["buffer"]
+    assert obs["ghost"]
+    assert obs["shown_version"] == obs["version_now"]
+
+
+@pytest.mark.timeout(300)
+def test_rewrite_command_replaces_the_visual_selection(nvim, model_dir, tmp_path):
+    source = "import os\nvalues = [x * 2 for x in range(10)]\nprint(values)\n"
+    obs = run_scenario(nvim, model_dir, tmp_path, "rewrite", source=source)
+    assert obs["pending_after_command"] is True  # :DgEditRewrite sent dg-edit.rewrite
+    text = obs["server_final_text"]
+    assert text is not None, "the server reported no final rewrite text"
+    # The server's rewrite replaced exactly the selected line; its neighbours are kept as they were.
+    assert obs["after"] == "import os\n" + text + "\nprint(values)"
+    assert obs["stats"]["errors"] == 0

@@ -343,7 +343,7 @@ async def test_stale_versions_get_no_result(lsp):
 
 
 async def test_request_timeout_stops_a_long_request(lsp):
-    lsp.configure({**SLOW, "request_timeout_s": 0.05})
+    lsp.configure({**SLOW, "request_timeout_s": 0.001})
     try:
         with pytest.raises(JsonRpcException) as info:
             await lsp.inline(lsp.open(PY_DOC), PY_CURSOR, invoked=True)
@@ -410,20 +410,21 @@ async def test_ten_megabyte_file(lsp):
 
 # ---------------------------------------------------------------------- non-ASCII documents
 
-NON_ASCII = 'greeting = "😀 你好世界 🎉"; name = "名前"\nrest = 1\n'
+NON_ASCII = 'greeting = "😀 你好世界 🎉"; total = \nprint(greeting, total)\n'
+CURSOR_AT = NON_ASCII.index("\n")  # end of the first line: emoji and CJK before the cursor
+SELECTED = NON_ASCII.index("你"), NON_ASCII.index("; total")  # '你好世界 🎉"'
 
 
 async def _check_non_ascii(h: Harness, units) -> None:
     uri = h.open(NON_ASCII)
     line0 = NON_ASCII.split("\n")[0]
-    cut = line0.index("; name")  # cursor after the closing quote, emoji and CJK before it
-    pos = t.Position(line=0, character=units(line0[:cut]))
+    pos = t.Position(line=0, character=units(line0[:CURSOR_AT]))
     result = await h.inline(uri, pos)
     for item in result.items:
         assert item.range == t.Range(start=pos, end=pos)
     # The server splits the document where the client means: rewriting a non-ASCII range with
     # strength 0 returns exactly the selected text, so the applied edit leaves the document unchanged.
-    start = line0.index("你")
+    start, cut = SELECTED
     rng = t.Range(start=t.Position(line=0, character=units(line0[:start])),
                   end=t.Position(line=0, character=units(line0[:cut])))
     out = await h.execute("dg-edit.rewrite", {"uri": uri, "range": _json_range(rng), "strength": 0})
@@ -450,14 +451,12 @@ async def test_non_ascii_utf16(lsp):
     # and applying an item the way a UTF-16 editor does puts its text right at the cursor
     uri = lsp.open(NON_ASCII)
     line0 = NON_ASCII.split("\n")[0]
-    cut = line0.index("; name")
-    pos = t.Position(line=0, character=utf16_len(line0[:cut]))
+    pos = t.Position(line=0, character=utf16_len(line0[:CURSOR_AT]))
     result = await lsp.inline(uri, pos, invoked=True)
     assert result.items
     for item in result.items:
         after = apply_utf16(NON_ASCII, item.range, item.insert_text)
-        offset = NON_ASCII.index("; name")
-        assert after == NON_ASCII[:offset] + item.insert_text + NON_ASCII[offset:]
+        assert after == NON_ASCII[:CURSOR_AT] + item.insert_text + NON_ASCII[CURSOR_AT:]
 
 
 async def test_non_ascii_utf8_when_offered(model_dir):

@@ -42,6 +42,7 @@ def _apply(ls: DgEditServer, options: Any, source: str) -> bool:
         ls.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
         return False
     ls.settings = settings
+    ls.forget_results()  # computed with other settings
     ls.host.start(settings)  # loads, reloads (other model) or re-wraps (other windows) as needed
     return True
 

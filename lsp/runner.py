@@ -80,28 +80,37 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
     """Up to `count` distinct, non-empty infills at `cursor` (seeds 0, 1, ...; at most 2*count tries).
 
     All runs use `session=uri`, so every run after the first reuses the document's prefix cache.
-    The reporter sees the steps of the first run only.
+    Results are remembered per (uri, version, cursor) until the document or the settings change, so
+    asking again at the same place (cursor moved back, Invoked after Automatic) only runs the
+    seeds not tried yet. The reporter sees the steps of the first run only.
     """
-    engine = await ls.host.get()
-    settings = ls.settings
-    texts: list[str] = []
+    key = (cursor.uri, cursor.version, len(cursor.prefix), hash(cursor.prefix), hash(cursor.suffix))
+    texts, tried = ls.recall(key)
     t0 = time.perf_counter()
-    for seed in range(2 * count):
-        if len(texts) >= count:
-            break
-        done = await run_events(
-            ls,
-            lambda seed=seed: engine.stream(cursor.prefix, cursor.suffix, max_new_tokens=settings.max_new_tokens,
-                                            seed=seed, session=cursor.uri, **dict(settings.sampling)),
-            reporter if seed == 0 else None)
-        if seed == 0 and record is not None:
-            # engine.last_* describe the most recent encode; with one request at a time that is ours.
-            record.update(encoded=engine.last_encoded, prefix_tokens=engine.last_prefix_len, steps=done.steps)
-        text = trim_suffix_overlap(done.text, cursor.suffix)
-        if text.strip() and text not in texts:
-            texts.append(text)
+    if record is not None:
+        record.update(cached=tried > 0, encoded=0, prefix_tokens=None, steps=0)
+    if len(texts) < count and tried < 2 * count:
+        engine = await ls.host.get()
+        settings = ls.settings
+        for seed in range(tried, 2 * count):
+            if len(texts) >= count:
+                break
+            first = seed == tried
+            done = await run_events(
+                ls,
+                lambda seed=seed: engine.stream(cursor.prefix, cursor.suffix, max_new_tokens=settings.max_new_tokens,
+                                                seed=seed, session=cursor.uri, **dict(settings.sampling)),
+                reporter if first else None)
+            tried = seed + 1
+            if first and record is not None:
+                # engine.last_* describe the most recent encode; with one request at a time that is ours.
+                record.update(encoded=engine.last_encoded, prefix_tokens=engine.last_prefix_len, steps=done.steps)
+            text = trim_suffix_overlap(done.text, cursor.suffix)
+            if text.strip() and text not in texts:
+                texts.append(text)
+            ls.remember(key, texts, tried)
     if record is not None:
         record["ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
     if reporter is not None:
         reporter.done(texts[0] if texts else "")
-    return texts
+    return texts[:count]

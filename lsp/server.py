@@ -25,6 +25,8 @@ textDocument/inlineCompletion   InlineCompletionParams → InlineCompletionList
     infill. With it: item.range = selected.range and insertText = selected.text + infill.
     item.command = {command: "dg-edit.accepted", arguments: [{uri, version, requestId, index, length}]}.
     Pass `workDoneToken` to get `$/progress`. Language not enabled → empty list.
+    Results are remembered per (uri, version, cursor): asking again at the same place in the same
+    version answers at once (an Invoked request after an Automatic one only runs the new seeds).
 textDocument/completion         fallback: one item, label = first line, textEdit inserts the infill
                                 at the cursor; isIncomplete = true.
 textDocument/codeAction         non-empty range → [{title: "Rewrite selection (dg-edit)",
@@ -39,7 +41,7 @@ workspace/executeCommand
 dgEdit/stats                    (custom, no params) → {requests, completed, cancelled, stale, errors,
                                 accepted, inflight, engine: {state: idle|loading|ready|failed, load_ms,
                                 model?, error?}, settings, recent: [{kind, uri, version, requestId, ms,
-                                encoded, prefix_tokens, steps, items|applied}]}
+                                cached, encoded, prefix_tokens, steps, items|applied}]}
 $/cancelRequest                 stops the denoising loop within one step; answer: error -32800.
 
 Notifications (server → client)

@@ -27,6 +27,7 @@ from .protocol import DgEditProtocol
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (uri, version)
+_MAX_RESULTS = 64  # remembered infill results (per uri, version and cursor)
 
 
 @dataclass(eq=False)
@@ -67,6 +68,26 @@ class DgEditServer(LanguageServer):
         self.host = host
         self.inflight: dict[Key, list[Inflight]] = collections.defaultdict(list)
         self.stats = Stats()
+        # (uri, version, cursor digest...) -> (distinct infills, seeds tried); dropped when the document moves on
+        self.results: collections.OrderedDict[tuple, tuple[list[str], int]] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------ remembered results
+    def recall(self, key: tuple) -> tuple[list[str], int]:
+        texts, tried = self.results.get(key, ([], 0))
+        return list(texts), tried
+
+    def remember(self, key: tuple, texts: list[str], tried: int) -> None:
+        if self.current_version(key[0]) != key[1]:
+            return  # computed for a version that is already gone
+        self.results[key] = (list(texts), tried)
+        self.results.move_to_end(key)
+        while len(self.results) > _MAX_RESULTS:
+            self.results.popitem(last=False)
+
+    def forget_results(self, uri: str | None = None) -> None:
+        """Drop remembered results of `uri` (all documents when None, e.g. after a settings change)."""
+        for key in [k for k in self.results if uri is None or k[0] == uri]:
+            del self.results[key]
 
     # ------------------------------------------------------------------ versions
     def current_version(self, uri: str) -> int | None:
@@ -75,6 +96,7 @@ class DgEditServer(LanguageServer):
 
     def document_changed(self, uri: str, version: int | None) -> None:
         """Cancel in-flight requests computed for any other version of `uri` (they are stale now)."""
+        self.forget_results(uri)
         for key in [k for k in self.inflight if k[0] == uri and k[1] != version]:
             for entry in self.inflight[key]:
                 entry.stale = True

@@ -260,6 +260,21 @@ async def test_selected_completion_info_is_extended(lsp):
             "    return \n", "    return " + item.insert_text + "\n")
 
 
+async def test_same_place_same_version_is_answered_from_memory(lsp):
+    uri = lsp.open(PY_DOC)
+    first = await lsp.inline(uri, PY_CURSOR)
+    again = await lsp.inline(uri, PY_CURSOR)
+    more = await lsp.inline(uri, PY_CURSOR, invoked=True)  # only the seeds not tried yet run
+    assert [i.insert_text for i in again.items] == [i.insert_text for i in first.items]
+    assert [i.insert_text for i in more.items][: len(first.items)] == [i.insert_text for i in first.items]
+    records = [r for r in (await lsp.stats())["recent"] if r.get("uri") == uri]
+    assert [r["cached"] for r in records] == [False, True, True]
+    assert records[1]["steps"] == 0 and records[2]["steps"] > 0
+    lsp.change(uri, t.Range(start=PY_CURSOR, end=PY_CURSOR), " ")
+    await lsp.inline(uri, t.Position(line=5, character=12))
+    assert (await lsp.stats())["recent"][-1]["cached"] is False  # a new version computes afresh
+
+
 async def test_languages_not_enabled_get_nothing(lsp):
     uri = lsp.open("just some prose\n", language="plaintext")
     result = await lsp.inline(uri, t.Position(line=0, character=4))

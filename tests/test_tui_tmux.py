@@ -6,11 +6,12 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dg_edit.serve_process import dg_edit_command
 
 TMUX = shutil.which("tmux")
 pytestmark = [
@@ -64,7 +65,7 @@ def terminal(tmp_path):
 
 
 def tui_command(path: Path, model_dir: Path) -> str:
-    cmd = [sys.executable, "-m", "dg_edit.cli", "tui", str(path), "--model", str(model_dir)]
+    cmd = [*dg_edit_command(), "tui", str(path), "--model", str(model_dir)]
     # the shell stays after the app exits so the exit code can be read off the screen
     # COLUMNS/LINES from the test runner would override the pane's real size
     return (f"env -u COLUMNS -u LINES OMP_NUM_THREADS=1 TERM=xterm-256color {shlex.join(cmd)}; "

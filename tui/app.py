@@ -455,16 +455,36 @@ def build_parser() -> argparse.ArgumentParser:
     from dg_edit.cli import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="dg-edit tui", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="the file to edit (created on save if it does not exist)")
+    parser.add_argument("file", help="the file to edit (you are offered to create it if it does not exist)")
+    parser.add_argument("--connect", metavar="WS_URL", default=None,
+                        help="drive a running `dg-edit serve` (e.g. ws://127.0.0.1:8765/ws) instead of loading "
+                             "a model in this process")
+    parser.add_argument("--token", default=None,
+                        help="token of the service for --connect (default: $DG_EDIT_TOKEN)")
     add_model_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def engine_loader(args: argparse.Namespace) -> Callable[[], Any]:
+    """What the app calls (in a worker) to get its engine: a remote one for --connect, else a local model."""
+    if args.connect:
+        import os
+
+        from dg_edit.cli import settings_from_args
+        from dg_edit.service import TOKEN_ENV
+
+        from .remote import RemoteEngine
+
+        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+        return lambda: RemoteEngine(args.connect, token, settings=settings_from_args(args)).connect()
     from dg_edit.cli import load_engine
 
+    return lambda: load_engine(args)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    app = DgEditApp(args.file, load_engine=lambda: load_engine(args))
+    app = DgEditApp(args.file, load_engine=engine_loader(args))
     result = app.run()
     return int(result or 0)
 

@@ -75,9 +75,11 @@ class CanvasPanel(Static):
             return Text("canvas: no request yet — press ctrl+space (or f2) to infill", style=title)
         accepted = sum(t.accepted for t in step.tokens)
         clamped = clamped_count(step, self.suffix_head)
+        where = f"  ·  {len(step.canvas)} positions ({clamped} clamped suffix)" if step.canvas else ""
         out = Text(f"canvas  step {step.index}/{step.total}  ·  {accepted}/{len(step.tokens)} middle tokens "
-                   f"accepted  ·  {len(step.canvas)} positions ({clamped} clamped suffix)\n", style=title)
-        if not step.canvas or self.decode is None:
+                   f"accepted{where}\n", style=title)
+        if not step.canvas or self.decode is None:  # e.g. --connect: the websocket does not carry the canvas ids
+            out.append("(only the middle's tokens: this engine does not report the whole canvas)\n", style=title)
             ids_text = [t.text for t in step.tokens]
             states = ["settled" if t.accepted else "noise" for t in step.tokens]
         else:

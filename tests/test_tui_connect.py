@@ -1,0 +1,137 @@
+"""`dg-edit tui --connect`: the TUI driving a real `dg-edit serve` process over its websocket protocol."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from dg_edit.serve_process import ServeProcess
+from dg_edit.tui.app import DgEditApp, build_parser, engine_loader
+from dg_edit.tui.remote import RemoteEngine, RemoteError
+
+from tui_pilot import SIZE, SOURCE, infill_at, split, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with ServeProcess(["--model", str(model_dir)]) as proc:
+        yield proc
+
+
+@pytest.fixture
+def source_file(tmp_path):
+    p = tmp_path / "example.py"
+    p.write_text(SOURCE)
+    return p
+
+
+def connected_app(path, server) -> DgEditApp:
+    args = build_parser().parse_args([str(path), "--connect", server.ws_url])
+    return DgEditApp(path, load_engine=engine_loader(args))
+
+
+async def test_infill_and_accept_through_the_service(source_file, server):
+    app = connected_app(source_file, server)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+        assert isinstance(app.engine, RemoteEngine)
+        await pilot.press("f3")
+        await infill_at(pilot, app, (8, 4))
+        final = app.editor.proposal.final
+        assert app.canvas_panel.step is not None  # steps arrived over the websocket
+        assert "tok/fwd" in app.status.progress
+        await pilot.press("tab")
+        await pilot.pause()
+        prefix, suffix = split(SOURCE, 8, 4)
+        assert app.editor.text == prefix + final + suffix
+
+
+async def test_rewrite_through_the_service_and_reject(source_file, server):
+    app = connected_app(source_file, server)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+        app.editor.selection = ((3, 0), (4, 16))
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        app.screen.query_one("#strength").value = "1"
+        app.screen.query_one("#strength").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.editor.proposal is not None and app.editor.proposal.final is not None,
+                       what="the rewrite")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.editor.text == SOURCE
+
+
+async def test_cancel_then_a_new_request_on_the_same_connection(source_file, server):
+    app = connected_app(source_file, server)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+        app.editor.move_cursor((8, 4))
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: app.status.progress.startswith("step") or app.request is None,
+                       what="the first step")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.editor.text == SOURCE
+        await infill_at(pilot, app, (8, 4))  # the connection is still usable
+        assert app.editor.proposal.final
+
+
+async def test_service_error_leaves_the_buffer_unchanged(tmp_path, server):
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    app = connected_app(empty, server)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: "model error" in app.status.message, what="the error frame")
+        assert "bad_request" in app.status.message
+        assert app.editor.text == "" and app.editor.proposal is None
+
+
+async def test_unreachable_service_is_reported_and_the_file_stays_editable(source_file):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    args = build_parser().parse_args([str(source_file), "--connect", f"ws://127.0.0.1:{port}/ws"])
+    app = DgEditApp(source_file, load_engine=engine_loader(args))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "no model", what="the connection failure")
+        assert "cannot connect" in app.status.message and str(port) in app.status.message
+        await pilot.press("x", "ctrl+s")
+        await pilot.pause()
+    assert source_file.read_text() == "x" + SOURCE
+
+
+def test_remote_engine_raises_service_errors(server):
+    engine = RemoteEngine(server.ws_url).connect()
+    try:
+        with pytest.raises(RemoteError, match="bad_request"):
+            list(engine.stream("", ""))
+        events = list(engine.stream("def f(x):\n    return ", "\n"))  # still usable after an error
+        assert events[-1].steps >= 1 and all(e.index >= 1 for e in events[:-1])
+    finally:
+        engine.close()
+
+
+async def test_service_going_away_is_reported_and_the_buffer_kept(source_file, model_dir):
+    proc = ServeProcess(["--model", str(model_dir)]).start().wait_ready()
+    try:
+        app = connected_app(source_file, proc)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+            proc.stop()
+            app.editor.move_cursor((8, 4))
+            await pilot.press("ctrl+space")
+            await wait_for(pilot, lambda: "model error" in app.status.message, what="the failure")
+            assert "closed" in app.status.message or "connect" in app.status.message
+            assert app.editor.text == SOURCE and app.editor.proposal is None
+            await pilot.press("ctrl+space")  # tries a new connection, which fails clearly
+            await wait_for(pilot, lambda: "cannot connect" in app.status.message, what="the reconnection failure")
+            assert app.editor.text == SOURCE
+    finally:
+        proc.stop()

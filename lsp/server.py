@@ -11,7 +11,7 @@ the weights load in the background right after `initialize` (the model path may 
 Protocol reference (for editor plug-ins)
 ========================================
 
-Server capabilities
+Server capabilities (all positions and ranges are in the negotiated encoding)
 -------------------
 positionEncoding "utf-8" when the client offers it, else "utf-16" · textDocumentSync incremental ·
 inlineCompletionProvider · completionProvider · codeActionProvider (refactor.rewrite) ·
@@ -20,15 +20,16 @@ executeCommandProvider ["dg-edit.accepted", "dg-edit.rewrite", "dg-edit.infill"]
 Requests (client → server)
 --------------------------
 textDocument/inlineCompletion   InlineCompletionParams → InlineCompletionList
-    triggerKind Automatic (2) → at most 1 item; Invoked (1) → up to `candidates` distinct items.
+    triggerKind Automatic (2) → at most 1 item (seed 0); Invoked (1) → up to `candidates` distinct
+    items (seeds 0, 1, ...; deterministic). An empty infill gives an empty list.
     Without selectedCompletionInfo: item.range is the empty range at the cursor, insertText the
     infill. With it: item.range = selected.range and insertText = selected.text + infill.
     item.command = {command: "dg-edit.accepted", arguments: [{uri, version, requestId, index, length}]}.
     Pass `workDoneToken` to get `$/progress`. Language not enabled → empty list.
     Results are remembered per (uri, version, cursor): asking again at the same place in the same
     version answers at once (an Invoked request after an Automatic one only runs the new seeds).
-textDocument/completion         fallback: one item, label = first line, textEdit inserts the infill
-                                at the cursor; isIncomplete = true.
+textDocument/completion         fallback: one item (none if the infill is empty), label = its first
+                                line, textEdit inserts the infill at the cursor; isIncomplete = true.
 textDocument/codeAction         non-empty range → [{title: "Rewrite selection (dg-edit)",
                                 kind: "refactor.rewrite", command: dg-edit.rewrite [{uri, range}]}]
 workspace/executeCommand
@@ -47,9 +48,12 @@ $/cancelRequest                 stops the denoising loop within one step; answer
 Notifications (server → client)
 -------------------------------
 dgEdit/canvas    {uri, version, requestId, step, text, done}: one per denoising step (done=false,
-                 steps count up from 1) with the current draft, then exactly one done=true with the
-                 final text ("" if the request was cancelled, went stale or failed). requestId is
-                 the JSON-RPC id of the request (inlineCompletion/completion/executeCommand).
+                 steps count up from 1) with the current draft of the infill (or, for
+                 dg-edit.rewrite, of the replacement), then exactly one done=true with the final
+                 text ("" if the request was cancelled, went stale or failed; step 0 when the answer
+                 came from memory). requestId is the JSON-RPC id of the request
+                 (inlineCompletion / completion / executeCommand). For Invoked inline completions
+                 only the first candidate's steps are sent.
 $/progress       work-done begin / report "step i/N" (percentage) / end, on the client's
                  workDoneToken (inline completion, completion) or a server-created token
                  (window/workDoneProgress/create, for the commands, if the client supports it).

@@ -140,21 +140,28 @@ function onFrame(frame) {
 }
 
 // The step's tokens are the current canvas block; `text` is the whole draft (earlier blocks included,
-// possibly cut at a newline). Shade the tokens where they line up with the text; fall back to plain text.
+// possibly cut at a newline). Tokens decoded one by one can differ from the joint decoding where a
+// character spans two tokens, so match tokens against the end of the text, last first: matched tokens
+// are shaded by confidence, the rest of the text is shown plain.
 function draftNodes(frame) {
   const joined = frame.tokens.map((t) => t.text).join("");
-  let head = "";
-  let limit = Infinity;
-  if (frame.text.endsWith(joined)) {
-    head = frame.text.slice(0, frame.text.length - joined.length);
-  } else if (joined.startsWith(frame.text)) {
-    limit = frame.text.length;
-  } else {
-    return [document.createTextNode(frame.text)];
+  if (joined.length > frame.text.length && joined.startsWith(frame.text)) {
+    return tokenSpans(frame.tokens, frame.text.length); // the draft was cut at a newline
   }
-  const nodes = head ? [document.createTextNode(head)] : [];
+  let end = frame.text.length;
+  let first = frame.tokens.length;
+  while (first > 0 && frame.text.slice(0, end).endsWith(frame.tokens[first - 1].text)) {
+    end -= frame.tokens[first - 1].text.length;
+    first -= 1;
+  }
+  const head = frame.text.slice(0, end);
+  return [...(head ? [document.createTextNode(head)] : []), ...tokenSpans(frame.tokens.slice(first), Infinity)];
+}
+
+function tokenSpans(tokens, limit) {
+  const spans = [];
   let used = 0;
-  for (const tok of frame.tokens) {
+  for (const tok of tokens) {
     if (used >= limit) break;
     const text = tok.text.slice(0, limit - used);
     used += text.length;
@@ -162,9 +169,9 @@ function draftNodes(frame) {
     span.className = `tok c${Math.min(4, Math.floor(tok.confidence * 5))}${tok.accepted ? " accepted" : ""}`;
     span.title = `confidence ${tok.confidence.toFixed(3)}${tok.accepted ? ", accepted this step" : ""}`;
     span.textContent = text;
-    nodes.push(span);
+    spans.push(span);
   }
-  return nodes;
+  return spans;
 }
 
 function ghost(children) {

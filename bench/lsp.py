@@ -142,9 +142,16 @@ async def run(args: argparse.Namespace) -> int:
     print(f"file {args.lines} lines · cursor at line {line + 1} · {args.chars} characters typed between "
           f"requests · {len(latencies)} requests (+{args.warmup} warm-up)")
     print(f"initialize answered in {init_ms:.0f} ms; model ready {ready_ms:.0f} ms after start")
+    server_ms = [r["ms"] for r in mine]
+    by_id = dict(zip(request_ids, latencies))
+    overhead = [by_id[r["requestId"]] - r["ms"] for r in mine]
+    per_step = [r["ms"] / r["steps"] for r in mine if r.get("steps")]
     print(f"prefix tokens per request: mean {statistics.mean(r['prefix_tokens'] for r in mine):.0f}; "
           f"denoising steps: mean {statistics.mean(r['steps'] for r in mine):.1f}; "
-          f"server-side ms: p50 {percentile([r['ms'] for r in mine], 0.5):.0f}")
+          f"dgEdit/canvas notifications: {len(canvas_steps)}")
+    print(f"where the time goes (p50): model {percentile(server_ms, 0.5):.0f} ms "
+          f"(~{percentile(per_step, 0.5):.0f} ms per denoising step incl. prefill), "
+          f"LSP transport + server overhead {percentile(overhead, 0.5):.1f} ms")
     print()
     print(f"{'metric':32} {'measured':>10} {'target':>10}  ok")
     rows = [("keystroke→completion p50 (ms)", p50, TARGETS["p50_ms"], f"{p50:.0f}", f"<= {TARGETS['p50_ms']:.0f}"),

@@ -39,7 +39,7 @@ async def completion(ls: DgEditServer, params: types.CompletionParams) -> types.
             texts = await infill_texts(ls, cursor, 1, reporter, record)
             ls.check_current(uri, cursor.version)
     ls.stats.recent.append(record)
-    here = types.Range(start=params.position, end=params.position)
+    here = cursor.range
     return types.CompletionList(is_incomplete=True, items=[
         types.CompletionItem(
             label=label_for(text),

@@ -19,12 +19,13 @@ from .state import DgEditServer
 
 @dataclass(frozen=True)
 class Cursor:
-    """A document split at the cursor, for one version of it."""
+    """A document split at the cursor (or around a range), for one version of it."""
 
     uri: str
     version: int
     prefix: str
     suffix: str
+    range: types.Range | None = None  # where the split is, clamped as the spec says (empty for a cursor)
 
 
 def on_open_or_change(ls: DgEditServer, params: types.DidOpenTextDocumentParams | types.DidChangeTextDocumentParams):
@@ -53,47 +54,50 @@ def language_enabled(ls: DgEditServer, doc: TextDocument) -> bool:
     return "*" in languages or (doc.language_id or "") in languages
 
 
-def offset_at(doc: TextDocument, position: types.Position) -> int:
-    """Index into `doc.source` of a client position; positions outside the document raise InvalidParams.
+def clamp(doc: TextDocument, position: types.Position) -> types.Position:
+    """The position as the LSP spec reads it, or InvalidParams if it is outside the document.
 
-    Valid positions: a line of the document and a character up to that line's length (without its
-    line break), in the negotiated encoding; or the start of the line just after a final line break.
+    A character past the end of its line "defaults back to the line length" (spec, Position); a
+    line past the document is an error. The line after a final line break exists (it is empty).
     """
     lines = doc.lines
     line, character = position.line, position.character
-    if line == len(lines) and character == 0:  # the (empty) line after a final line break
-        return len(doc.source)
+    if line == len(lines) and (not lines or lines[-1].endswith(("\n", "\r"))):
+        return types.Position(line=line, character=0)
     if line >= len(lines):
         raise JsonRpcInvalidParams(f"position {line}:{character} is outside the document ({len(lines)} lines)")
-    text = lines[line].rstrip("\r\n")
-    length = doc.position_codec.client_num_units(text)
-    if character > length:
-        raise JsonRpcInvalidParams(
-            f"position {line}:{character} is past the end of line {line} ({length} {_unit_name(doc)})")
-    server = doc.position_from_client_units(types.Position(line=line, character=character))
-    return doc.offset_at_server_position(server)
+    length = doc.position_codec.client_num_units(lines[line].rstrip("\r\n"))
+    return types.Position(line=line, character=min(character, length))
 
 
-def _unit_name(doc: TextDocument) -> str:
-    encoding = doc.position_codec.encoding or types.PositionEncodingKind.Utf16
-    return f"{encoding} code units"
+def offset_at(doc: TextDocument, position: types.Position) -> int:
+    """Index into `doc.source` of a client position (in the negotiated encoding), via pygls's codec."""
+    position = clamp(doc, position)
+    if position.line == len(doc.lines):
+        return len(doc.source)
+    return doc.offset_at_server_position(doc.position_from_client_units(position))
 
 
 def cursor_at(ls: DgEditServer, uri: str, position: types.Position) -> Cursor:
     doc = open_document(ls, uri)
-    offset = offset_at(doc, position)
+    here = clamp(doc, position)
+    offset = offset_at(doc, here)
     source = doc.source
-    return Cursor(uri=uri, version=doc.version, prefix=source[:offset], suffix=source[offset:])
+    return Cursor(uri=uri, version=doc.version, prefix=source[:offset], suffix=source[offset:],
+                  range=types.Range(start=here, end=here))
 
 
 def span_at(ls: DgEditServer, uri: str, rng: types.Range) -> tuple[Cursor, str]:
     """(prefix/suffix around a range, the text inside it) for a rewrite or a selected completion."""
     doc = open_document(ls, uri)
-    start, end = offset_at(doc, rng.start), offset_at(doc, rng.end)
+    start_pos, end_pos = clamp(doc, rng.start), clamp(doc, rng.end)
+    start, end = offset_at(doc, start_pos), offset_at(doc, end_pos)
     if end < start:
         raise JsonRpcInvalidParams(f"range end {rng.end.line}:{rng.end.character} is before its start")
     source = doc.source
-    return Cursor(uri=uri, version=doc.version, prefix=source[:start], suffix=source[end:]), source[start:end]
+    cursor = Cursor(uri=uri, version=doc.version, prefix=source[:start], suffix=source[end:],
+                    range=types.Range(start=start_pos, end=end_pos))
+    return cursor, source[start:end]
 
 
 def register(server: DgEditServer) -> None:

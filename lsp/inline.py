@@ -36,11 +36,11 @@ async def inline_completion(ls: DgEditServer, params: types.InlineCompletionPara
         if selected.range.start.line != selected.range.end.line:
             raise JsonRpcInvalidParams("selectedCompletionInfo.range must be on one line")
         around, _ = documents.span_at(ls, uri, selected.range)
-        cursor = documents.Cursor(uri, around.version, around.prefix + selected.text, around.suffix)
+        cursor = documents.Cursor(uri, around.version, around.prefix + selected.text, around.suffix, around.range)
         rng, lead = selected.range, selected.text
     else:
         cursor = documents.cursor_at(ls, uri, params.position)
-        rng, lead = types.Range(start=params.position, end=params.position), ""
+        rng, lead = cursor.range, ""
     invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
     count = ls.settings.candidates if invoked else 1
     record: dict[str, Any] = {"kind": "inline", "uri": uri, "version": cursor.version,

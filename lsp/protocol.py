@@ -7,18 +7,24 @@
 2. Position encoding: the issue asks for UTF-8 whenever the client offers it (UTF-16, the LSP
    default, otherwise). pygls picks the client's first supported choice, so UTF-8 is moved to the
    front of the offer before pygls negotiates; the conversion itself stays pygls's `PositionCodec`.
+3. Lines as LSP counts them. pygls splits documents with `str.splitlines`, which also breaks lines
+   at form feeds, vertical tabs, \x1c-\x1e, \x85 and U+2028/U+2029; LSP clients break lines only
+   at \n, \r\n and \r. With such a character in a file, every position after it (and every
+   incremental edit) landed on the wrong line. `LspTextDocument.lines` splits as LSP does.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import cattrs
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
+from pygls.workspace import TextDocument, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,22 @@ def _reason(exc: BaseException) -> str:
     if isinstance(cause, cattrs.ClassValidationError):
         return "; ".join(cattrs.transform_error(cause, path="params"))
     return str(cause or exc) or type(exc).__name__
+
+
+_LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+class LspTextDocument(TextDocument):
+    @property
+    def lines(self) -> Sequence[str]:
+        """Lines with their endings, broken only at \\n, \\r\\n and \\r (the LSP definition)."""
+        return tuple(_LSP_LINE.findall(self.source))
+
+
+class LspWorkspace(Workspace):
+    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None) -> TextDocument:
+        return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
+                               sync_kind=self._sync_kind, position_codec=self._position_codec)
 
 
 class DgEditProtocol(LanguageServerProtocol):
@@ -49,4 +71,8 @@ class DgEditProtocol(LanguageServerProtocol):
         if types.PositionEncodingKind.Utf8 in offered:
             offered.remove(types.PositionEncodingKind.Utf8)
             general.position_encodings = [types.PositionEncodingKind.Utf8, *offered]
-        return (yield from super().lsp_initialize(params))
+        result = yield from super().lsp_initialize(params)
+        # pygls built its Workspace above; the same one, creating documents that split lines as LSP does.
+        ws = self._workspace
+        self._workspace = LspWorkspace(ws.root_uri, ws._sync_kind, list(ws.folders.values()), ws.position_encoding)
+        return result

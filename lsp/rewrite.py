@@ -75,7 +75,7 @@ async def rewrite(ls: DgEditServer, args: RewriteArguments) -> dict[str, Any]:
                 seed=0, session=args.uri, **dict(settings.sampling)), reporter)
             reporter.done(done)
             ls.check_current(args.uri, around.version)
-        result = await _apply(ls, args.uri, around.version, args.range, done.text, "dg-edit: rewrite selection")
+        result = await _apply(ls, args.uri, around.version, around.range, done.text, "dg-edit: rewrite selection")
     record.update(ms=round(done.ms, 1), steps=done.steps, applied=result["applied"])
     ls.stats.recent.append(record)
     return result
@@ -91,7 +91,7 @@ async def infill(ls: DgEditServer, args: InfillArguments) -> dict[str, Any]:
             texts = await infill_texts(ls, cursor, 1, reporter, record)
             ls.check_current(args.uri, cursor.version)
         text = texts[0] if texts else ""
-        here = types.Range(start=args.position, end=args.position)
+        here = cursor.range
         result = (await _apply(ls, args.uri, cursor.version, here, text, "dg-edit: infill") if text
                   else {"applied": False, "text": "", "version": cursor.version, "failureReason": "empty infill"})
     record["applied"] = result["applied"]

@@ -61,8 +61,10 @@ window/logMessage   model failures and invalid configuration; window/showMessage
 
 Errors
 ------
--32602 InvalidParams    unknown document (not opened), position outside the document, malformed
-                        params, input the engine rejects.
+-32602 InvalidParams    unknown document (not opened), a line past the end of the document (a
+                        character past the end of its line means the line's end, as the spec
+                        says; returned ranges are clamped the same way), malformed params, input
+                        the engine rejects.
 -32800 RequestCancelled after $/cancelRequest.
 -32801 ContentModified  the document changed (didChange to a newer version) while the request ran:
                         no result is ever sent for an older version.

@@ -1,4 +1,4 @@
-"""Two protocol-level fixes on top of pygls's `LanguageServerProtocol`.
+"""Protocol-level fixes on top of pygls's `LanguageServerProtocol`.
 
 1. Invalid params get an answer. pygls structures each incoming message while parsing it; when a
    request's params do not fit the method's lsprotocol type it logs the failure and drops the
@@ -41,10 +41,19 @@ _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 
 class LspTextDocument(TextDocument):
+    _lines_of: str | None = None
+    _lines: tuple[str, ...] = ()
+
     @property
     def lines(self) -> Sequence[str]:
-        """Lines with their endings, broken only at \\n, \\r\\n and \\r (the LSP definition)."""
-        return tuple(_LSP_LINE.findall(self.source))
+        """Lines with their endings, broken only at \\n, \\r\\n and \\r (the LSP definition).
+
+        Cached per text: a request looks lines up several times, and a 10 MB file takes a while to split.
+        """
+        source = self.source
+        if source is not self._lines_of:
+            self._lines_of, self._lines = source, tuple(_LSP_LINE.findall(source))
+        return self._lines
 
 
 class LspWorkspace(Workspace):

@@ -98,3 +98,18 @@ def test_missing_model_exits_with_usage_error(tmp_path):
     proc = subprocess.run(["dg-edit", "lsp", "--tcp", "nonsense"],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+
+
+def test_only_lsp_line_breaks_split_lines():
+    """Form feeds and U+2028 are not line breaks for an LSP client; \\r\\n and \\r are."""
+    from dg_edit.lsp.protocol import LspTextDocument
+
+    text = "a = 1\x0c# page\u2028two\nb = 2\r\nc = 3\rd"
+    doc = LspTextDocument("file:///lines.py", text, version=1)
+    assert len(doc.lines) == 4
+    assert offset_at(doc, t.Position(line=1, character=0)) == text.index("b = 2")
+    assert offset_at(doc, t.Position(line=3, character=1)) == len(text)
+    assert offset_at(doc, t.Position(line=0, character=99)) == text.index("\n")
+    doc.apply_change(t.TextDocumentContentChangePartial(
+        range=t.Range(start=t.Position(line=2, character=0), end=t.Position(line=2, character=1)), text="C"))
+    assert doc.source == text.replace("c = 3", "C = 3")

@@ -402,6 +402,25 @@ async def test_save_is_atomic_keeps_the_mode_and_never_writes_a_proposal(source_
         assert stat.S_IMODE(source_file.stat().st_mode) == 0o640
 
 
+async def test_failed_save_keeps_the_buffer_and_says_why(tmp_path, engine):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    path = folder / "a.py"
+    path.write_text(SOURCE)
+    app = DgEditApp(path, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x")
+        path.unlink()
+        folder.rmdir()  # the folder vanished (unmounted, deleted): the save cannot happen
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)  # the file is gone from disk: that is a change too
+        await pilot.click("#choice-overwrite")
+        await pilot.pause()
+        assert "save failed" in app.status.message and app.status.error
+        assert app.editor.text == "x" + SOURCE and app.dirty
+
+
 async def test_save_follows_a_symlink(tmp_path, engine):
     target = tmp_path / "real.py"
     target.write_text(SOURCE)

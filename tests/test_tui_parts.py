@@ -138,3 +138,15 @@ def test_canvas_states_mark_settled_noise_slack_and_clamped():
     assert clamped_count(step, (7, 9)) == 0  # the tail is not the suffix: this block has none
     assert cell_states(step, 2) == ["settled", "noise", "slack", "slack", "clamped", "clamped"]
     assert cell_text("\n").startswith("⏎") and len(cell_text("a very long token")) == len(cell_text("x"))
+
+
+def test_step_mailbox_keeps_only_the_newest_step():
+    from dg_edit.tui.app import StepMailbox
+
+    box = StepMailbox()
+    first, second = Step(index=1, total=4, text="a"), Step(index=2, total=4, text="ab")
+    assert box.put(7, first) is True  # empty: the UI must be told
+    assert box.put(7, second) is False  # a message is already on its way
+    assert box.take() == (7, second)
+    assert box.take() is None
+    assert box.put(8, first) is True

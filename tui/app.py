@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -61,6 +62,31 @@ class ModelEvent(Message):
         self.event = event
 
 
+class StepReady(Message):
+    """A newer `Step` waits in the app's `StepMailbox` (one message however many steps arrive meanwhile)."""
+
+
+class StepMailbox:
+    """Holds only the newest `Step`: when drawing a step costs more than computing one (a large file
+    re-highlights on every edit), the screen skips to the latest draft instead of falling behind."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: tuple[int, Step] | None = None
+
+    def put(self, request_id: int, step: Step) -> bool:
+        """Store the step; True when the box was empty, i.e. the UI needs a `StepReady` message."""
+        with self._lock:
+            was_empty = self._item is None
+            self._item = (request_id, step)
+            return was_empty
+
+    def take(self) -> tuple[int, Step] | None:
+        with self._lock:
+            item, self._item = self._item, None
+            return item
+
+
 class ModelFailed(Message):
     def __init__(self, request_id: int, error: str):
         super().__init__()
@@ -90,7 +116,7 @@ class Request:
 class DgEditApp(App[int]):
     """The editor. Give it an `engine` (anything with `stream`/`stream_rewrite`) or a `load_engine`."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "dg-edit"
     ENABLE_COMMAND_PALETTE = False
 
@@ -124,6 +150,7 @@ class DgEditApp(App[int]):
         self.lossy: str | None = None  # why saving would change bytes the user did not edit
         self.request: Request | None = None
         self._request_ids = 0
+        self._steps = StepMailbox()
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -370,7 +397,11 @@ class DgEditApp(App[int]):
             for event in events:
                 if worker.is_cancelled:
                     break
-                self.post_message(ModelEvent(request_id, event))
+                if isinstance(event, Step):
+                    if self._steps.put(request_id, event):
+                        self.post_message(StepReady())
+                else:
+                    self.post_message(ModelEvent(request_id, event))
         except Exception as e:  # the boundary between the model and the user: reported, buffer restored
             self.post_message(ModelFailed(request_id, str(e) or type(e).__name__))
         finally:
@@ -383,6 +414,11 @@ class DgEditApp(App[int]):
         if self.request is not None:
             self.workers.cancel_group(self, "model")
             self.request = None
+
+    def on_step_ready(self, message: StepReady) -> None:
+        item = self._steps.take()
+        if item is not None:
+            self.on_model_event(ModelEvent(*item))
 
     def on_model_event(self, message: ModelEvent) -> None:
         request, editor = self.request, self.editor

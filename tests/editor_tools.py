@@ -51,3 +51,54 @@ def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def read_tee_log(path: Path, sender: str = "server") -> list[dict]:
+    """The messages `tee_main` recorded from `sender` ("server" or "client"), oldest first."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["message"] for r in records if r["from"] == sender]
+
+
+def tee_main(argv: list[str]) -> int:
+    """`python tests/editor_tools.py LOG -- CMD...`: run CMD (a language server on stdio) and record
+    every message both ways in LOG (one JSON object per line: {"from": "client"|"server",
+    "message": ...}), so an end-to-end test can tell which text really came from the server.
+    Bytes pass through unchanged."""
+    import subprocess
+    import threading
+
+    log_path, cmd = argv[0], argv[argv.index("--") + 1:]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    log = open(log_path, "a", encoding="utf-8")
+    lock = threading.Lock()
+
+    def pump(src, dst, sender: str) -> None:
+        buf = b""
+        while chunk := src.read1(65536):
+            dst.write(chunk)
+            dst.flush()
+            buf += chunk
+            while (end := buf.find(b"\r\n\r\n")) >= 0:  # LSP framing: headers, blank line, body
+                headers = dict(line.split(b": ", 1) for line in buf[:end].split(b"\r\n") if b": " in line)
+                size = int(headers[b"Content-Length"])
+                if len(buf) < end + 4 + size:
+                    break
+                body, buf = buf[end + 4:end + 4 + size], buf[end + 4 + size:]
+                with lock:
+                    log.write(json.dumps({"from": sender, "message": json.loads(body)}) + "\n")
+                    log.flush()
+        if sender == "client":
+            dst.close()
+
+    threading.Thread(target=pump, args=(sys.stdin.buffer, child.stdin, "client"), daemon=True).start()
+    pump(child.stdout, sys.stdout.buffer, "server")
+    code = child.wait()
+    log.close()
+    # os._exit: the client pump may sit in a blocking read that would stall interpreter exit.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(tee_main(sys.argv[1:]))

@@ -13,7 +13,6 @@ import {
   LanguageClientOptions,
   ServerOptions,
   State,
-  TransportKind,
 } from "vscode-languageclient/node";
 
 import { CanvasParams, CanvasView } from "./canvas";
@@ -62,11 +61,8 @@ function setStatus(text: string, tooltip: string): void {
 
 async function start(): Promise<void> {
   const launch = launchSettings();
-  const serverOptions: ServerOptions = {
-    command: launch.command,
-    args: launch.args,
-    transport: TransportKind.stdio,
-  };
+  // No `transport`: languageclient would append `--stdio`; `dg-edit lsp` speaks stdio by default.
+  const serverOptions: ServerOptions = { command: launch.command, args: launch.args };
   const clientOptions: LanguageClientOptions = {
     documentSelector: documentSelector(),
     initializationOptions: serverSettings(),

@@ -129,3 +129,14 @@ def test_rewrite_command_replaces_the_visual_selection(nvim, model_dir, tmp_path
     # The server's rewrite replaced exactly the selected line; its neighbours are kept as they were.
     assert obs["after"] == "import os\n" + text + "\nprint(values)"
     assert obs["stats"]["errors"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_missing_server_is_reported_at_setup(nvim, tmp_path):
+    env = server_env()
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    proc = subprocess.run(
+        [nvim, "--headless", "--clean", "--cmd", f"set rtp^={PLUGIN}",
+         "-c", 'lua require("dg_edit").setup({ cmd = { "no-such-dg-edit", "lsp" } })', "-c", "qall!"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert 'server not found: "no-such-dg-edit" is not executable' in proc.stdout + proc.stderr

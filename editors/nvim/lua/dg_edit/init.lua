@@ -202,6 +202,11 @@ function M.setup(opts)
     end
   end
   inline.configure(M.config)
+  local exe = type(M.config.cmd) == "table" and M.config.cmd[1]
+  if exe and vim.fn.executable(exe) == 0 then
+    util.notify(("server not found: %q is not executable; set cmd = { \"/full/path/to/dg-edit\", \"lsp\" }"):format(exe),
+      vim.log.levels.ERROR)
+  end
   vim.api.nvim_set_hl(0, "DgEditGhost", { link = "Comment", default = true })
   vim.api.nvim_set_hl(0, "DgEditCanvas", { link = "NonText", default = true })
 

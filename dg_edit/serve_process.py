@@ -82,17 +82,25 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (a clean shutdown), then SIGKILL of the whole process group if it hangs."""
+    def terminate(self) -> None:
+        """Ask for a clean shutdown (SIGTERM) without waiting; `stop()` waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (a clean shutdown), then SIGKILL of the whole process group if it hangs.
+
+        The timeout is generous: after the service stopped, torch's interpreter teardown alone takes
+        seconds on a loaded machine.
+        """
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self._log.close()
         return self.proc.returncode
 

@@ -48,10 +48,14 @@ log = logging.getLogger("dg_edit.service")
 # under its lock, so threads beyond the number of live requests buy nothing; fewer than that would
 # make a new request wait for a whole other request before its first step.
 MODEL_THREADS = 32
-# Kernel send buffer per connection. Left to autotuning, Linux lets it grow to megabytes (on loopback
-# at once), so a lagging client would be sent seconds-old drafts from the kernel's buffer before
-# coalescing ever started. 64 KiB holds dozens of step frames: enough for a client that keeps up.
-SEND_BUFFER_BYTES = 64 * 1024
+# Kernel send buffer per connection, and websockets' write buffer high-water mark. Left to
+# autotuning, Linux lets the kernel buffer grow to megabytes (on loopback at once), so a lagging
+# client would be sent seconds-old drafts from buffers before coalescing ever started. 16 KiB holds
+# several step frames: plenty for a client that keeps up, little staleness for one that does not.
+SEND_BUFFER_BYTES = 16 * 1024
+# How long a closing handshake may take (websockets' default is 10 s): a client that stopped reading
+# never answers, and shutting down should not wait for it.
+CLOSE_TIMEOUT_S = 3.0
 TOKEN_ENV = "DG_EDIT_TOKEN"
 
 
@@ -92,6 +96,8 @@ class Service:
             self._handle, self.host, self.port,
             process_request=self.gate.check,
             max_size=self.settings.max_message_bytes,
+            write_limit=SEND_BUFFER_BYTES,
+            close_timeout=CLOSE_TIMEOUT_S,
             server_header=f"dg-edit/{__version__}",
         )
         return self.server
@@ -104,8 +110,10 @@ class Service:
         return sockname[0], sockname[1]
 
     async def close(self) -> None:
+        for client in list(self.clients):
+            client.stop_requests()  # the model stops now, not after a stalled client's closing handshake
         if self.server is not None:
-            self.server.close()  # closes every connection with 1001; their request tasks are cancelled
+            self.server.close()  # closes every connection with 1001
             await self.server.wait_closed()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -154,15 +162,20 @@ class Client:
             log.info("connection %d closed: %s", self.number, self.connection.close_reason or
                      self.connection.close_code)
         finally:
-            tasks = list(self.inflight.values())
-            for task in tasks:
-                task.cancel()
+            tasks = self.stop_requests()
             await asyncio.gather(*tasks, return_exceptions=True)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             loop = asyncio.get_running_loop()
             for session in self._sessions:  # forget() waits for the engine's lock: not on the loop
                 await loop.run_in_executor(self.service.executor, self.engine.forget, session)
+
+    def stop_requests(self) -> list[asyncio.Task]:
+        """Cancel every in-flight request (no `cancelled` frames: nobody is listening any more)."""
+        tasks = list(self.inflight.values())
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     # ------------------------------------------------------------------ incoming frames
     def _receive(self, message: str | bytes) -> None:

@@ -28,7 +28,7 @@ from textual.reactive import reactive
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from dg_edit import Done, Step
+from dg_edit.events import Done, Step
 
 from . import files
 from .canvas_panel import CanvasPanel

@@ -14,7 +14,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from dg_edit import Step
+from dg_edit.events import Step
 
 CELL = 7  # characters per token cell
 

@@ -15,10 +15,17 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from dg_edit import Engine
 
-# The engine's own default, read from its signature so there is one source for it.
-DEFAULT_STRENGTH: float = inspect.signature(Engine.stream_rewrite).parameters["strength"].default
+
+def default_strength() -> float:
+    """The engine's own default strength, read from its signature so there is one source for it.
+
+    Imported here, when the dialog first needs it, rather than at start-up: the engine module brings
+    in torch, and the editor should appear before the model has loaded.
+    """
+    from dg_edit.engine import Engine
+
+    return inspect.signature(Engine.stream_rewrite).parameters["strength"].default
 
 
 class ConfirmScreen(ModalScreen[str | None]):
@@ -81,7 +88,7 @@ class RewriteRequest:
 def parse_strength(value: str) -> float:
     """A strength typed by a person: a number in [0, 1]; raises ValueError with the reason."""
     try:
-        strength = float(value.strip()) if value.strip() else DEFAULT_STRENGTH
+        strength = float(value.strip()) if value.strip() else default_strength()
     except ValueError:
         raise ValueError(f"strength must be a number between 0 and 1, not {value!r}") from None
     if not 0.0 <= strength <= 1.0:
@@ -100,7 +107,7 @@ class RewriteScreen(ModalScreen[RewriteRequest | None]):
             yield Label("Instruction (optional):")
             yield Input(placeholder="e.g. use a list comprehension", id="instruction")
             yield Label("Strength, 0 = keep … 1 = redo everything:")
-            yield Input(value=f"{DEFAULT_STRENGTH:g}", id="strength")
+            yield Input(value=f"{default_strength():g}", id="strength")
             yield Static("", id="rewrite-error", classes="problem")
             with Horizontal(classes="buttons"):
                 yield Button("Rewrite", id="go", variant="primary")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from dg_edit import Step, Token
+from dg_edit.events import Step, Token
 
 TENTATIVE_CONFIDENCE = 0.5  # below this an unaccepted token is drawn faint
 

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from dg_edit import Done, Settings, Step, Token
+from dg_edit.config import Settings
+from dg_edit.events import Done, Step, Token
 
 FINAL_TYPES = ("done", "error", "cancelled")
 CANCEL_DRAIN_S = 10.0  # how long to wait for a cancelled request's last frame before dropping the connection

@@ -493,6 +493,28 @@ async def test_quit_can_save_first(source_file, engine):
     assert source_file.read_text() == "x" + SOURCE
 
 
+async def test_save_and_quit_still_asks_about_a_file_changed_on_disk(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x", "ctrl+q")
+        await pilot.pause()
+        source_file.write_text("someone else's edit\n")
+        await pilot.click("#choice-save")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and "changed on disk" in app.screen.question
+        await pilot.click("#choice-cancel")
+        await pilot.pause()
+        assert app.is_running and source_file.read_text() == "someone else's edit\n"
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.click("#choice-save")
+        await pilot.pause()
+        await pilot.click("#choice-overwrite")
+        await pilot.pause()
+    assert app.return_code == 0
+    assert source_file.read_text() == "x" + SOURCE
+
+
 # ---------------------------------------------------------------------------------------------- bad files
 @pytest.mark.parametrize("content,expected", [
     (b"caf\xe9 = 1\n", "not UTF-8"),

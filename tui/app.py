@@ -110,7 +110,6 @@ class EngineFailed(Message):
 class Request:
     id: int
     kind: str  # infill / rewrite
-    suffix: str
 
 
 class DgEditApp(App[int]):
@@ -252,20 +251,32 @@ class DgEditApp(App[int]):
             self.dirty = self.editor.committed_text() != self.saved_text
 
     def action_save(self) -> None:
+        self._save_flow()
+
+    def _save_flow(self, then: Callable[[], None] | None = None) -> None:
+        """Save, asking first when that would change bytes the user did not edit or overwrite someone
+        else's version of the file; `then` runs once the file is saved."""
+        def overwrite_check(choice: str | None = "save") -> None:
+            if choice != "save":
+                self.say("not saved")
+            elif files.changed_on_disk(self.path, self.loaded):
+                self.push_screen(ConfirmScreen(f"{self.path} changed on disk since it was opened.\n"
+                                               "Overwrite it with this buffer?",
+                                               [("overwrite", "Overwrite"), ("cancel", "Cancel")]), write)
+            else:
+                write("save")
+
+        def write(choice: str | None) -> None:
+            if choice not in ("save", "overwrite"):
+                self.say("not saved")
+            elif self._save() and then is not None:
+                then()
+
         if self.lossy is not None:
             self.push_screen(ConfirmScreen(f"{self.lossy}.\nSave anyway?", [("save", "Save"), ("cancel", "Cancel")]),
-                             lambda choice: self._save_checked() if choice == "save" else self.say("not saved"))
-            return
-        self._save_checked()
-
-    def _save_checked(self) -> None:
-        if files.changed_on_disk(self.path, self.loaded):
-            self.push_screen(ConfirmScreen(f"{self.path} changed on disk since it was opened.\n"
-                                           "Overwrite it with this buffer?",
-                                           [("overwrite", "Overwrite"), ("cancel", "Cancel")]),
-                             lambda choice: self._save() if choice == "overwrite" else self.say("not saved"))
-            return
-        self._save()
+                             overwrite_check)
+        else:
+            overwrite_check()
 
     def _save(self) -> bool:
         text = self.editor.committed_text()  # never a proposal the user has not accepted
@@ -292,11 +303,7 @@ class DgEditApp(App[int]):
 
     def _after_quit_question(self, choice: str | None) -> None:
         if choice == "save":
-            if self.lossy is not None or files.changed_on_disk(self.path, self.loaded):
-                self.say("saving needs a decision first: press ctrl+s, then quit", error=True)
-                return
-            if self._save():
-                self.exit(0)
+            self._save_flow(then=lambda: self.exit(0))
         elif choice == "discard":
             self.cancel_request()
             self.exit(0)
@@ -307,7 +314,7 @@ class DgEditApp(App[int]):
         try:
             engine = self._load_engine()
         except Exception as e:  # any loader failure is shown; the file stays editable
-            self.post_message(EngineFailed(f"{type(e).__name__}: {e}" if not str(e) else str(e)))
+            self.post_message(EngineFailed(str(e) or type(e).__name__))
             return
         self.post_message(EngineReady(engine))
 
@@ -380,7 +387,7 @@ class DgEditApp(App[int]):
 
     def _start(self, kind: str, suffix: str, make_events: Callable[[], Iterator[Step | Done]]) -> None:
         self._request_ids += 1
-        self.request = Request(id=self._request_ids, kind=kind, suffix=suffix)
+        self.request = Request(id=self._request_ids, kind=kind)
         self.canvas_panel.suffix_head = self._suffix_head(suffix)
         self.phase = f"{kind}: denoising"
         self.status.progress = ""

@@ -515,6 +515,27 @@ async def test_save_and_quit_still_asks_about_a_file_changed_on_disk(source_file
     assert source_file.read_text() == "x" + SOURCE
 
 
+@pytest.mark.parametrize("content", [b"a = 1\r\nb = 2\n", b"a = 1\n\x0c\nb = 2\n"])
+async def test_line_endings_the_editor_would_change_are_announced_and_saving_asks(tmp_path, engine, content):
+    p = tmp_path / "mixed.py"
+    p.write_bytes(content)
+    app = DgEditApp(p, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "line endings" in app.status.message and app.status.error
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and "Save anyway?" in app.screen.question
+        await pilot.click("#choice-cancel")
+        await pilot.pause()
+        assert p.read_bytes() == content
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await pilot.click("#choice-save")
+        await pilot.pause()
+        assert p.read_bytes() == app.editor.text.encode()
+
+
 # ---------------------------------------------------------------------------------------------- bad files
 @pytest.mark.parametrize("content,expected", [
     (b"caf\xe9 = 1\n", "not UTF-8"),

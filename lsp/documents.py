@@ -25,7 +25,7 @@ class Cursor:
     version: int
     prefix: str
     suffix: str
-    range: types.Range | None = None  # where the split is, clamped as the spec says (empty for a cursor)
+    range: types.Range | None = None  # where the split is (empty for a cursor)
 
 
 def on_open_or_change(ls: DgEditServer, params: types.DidOpenTextDocumentParams | types.DidChangeTextDocumentParams):
@@ -54,25 +54,36 @@ def language_enabled(ls: DgEditServer, doc: TextDocument) -> bool:
     return "*" in languages or (doc.language_id or "") in languages
 
 
-def clamp(doc: TextDocument, position: types.Position) -> types.Position:
-    """The position as the LSP spec reads it, or InvalidParams if it is outside the document.
+def checked(doc: TextDocument, position: types.Position) -> types.Position:
+    """`position` if it is inside the document, else InvalidParams.
 
-    A character past the end of its line "defaults back to the line length" (spec, Position); a
-    line past the document is an error. The line after a final line break exists (it is empty).
+    Inside: a line of the document and a character up to that line's length (without its line
+    break), in the negotiated encoding; or the start of the (empty) line after a final line break.
+    The spec would read a character past the line's end as the line's end; we answer an error
+    instead, because an editor only sends one when its copy of the text and ours differ, and a
+    completion placed by guesswork would land in the wrong spot.
     """
     lines = doc.lines
     line, character = position.line, position.character
-    if line == len(lines) and (not lines or lines[-1].endswith(("\n", "\r"))):
-        return types.Position(line=line, character=0)
+    if line == len(lines) and character == 0 and (not lines or lines[-1].endswith(("\n", "\r"))):
+        return position
     if line >= len(lines):
         raise JsonRpcInvalidParams(f"position {line}:{character} is outside the document ({len(lines)} lines)")
     length = doc.position_codec.client_num_units(lines[line].rstrip("\r\n"))
-    return types.Position(line=line, character=min(character, length))
+    if character > length:
+        raise JsonRpcInvalidParams(
+            f"position {line}:{character} is past the end of line {line} ({length} {_unit_name(doc)})")
+    return position
+
+
+def _unit_name(doc: TextDocument) -> str:
+    encoding = doc.position_codec.encoding or types.PositionEncodingKind.Utf16
+    return f"{encoding} code units"
 
 
 def offset_at(doc: TextDocument, position: types.Position) -> int:
     """Index into `doc.source` of a client position (in the negotiated encoding), via pygls's codec."""
-    position = clamp(doc, position)
+    position = checked(doc, position)
     if position.line == len(doc.lines):
         return len(doc.source)
     return doc.offset_at_server_position(doc.position_from_client_units(position))
@@ -80,7 +91,7 @@ def offset_at(doc: TextDocument, position: types.Position) -> int:
 
 def cursor_at(ls: DgEditServer, uri: str, position: types.Position) -> Cursor:
     doc = open_document(ls, uri)
-    here = clamp(doc, position)
+    here = checked(doc, position)
     offset = offset_at(doc, here)
     source = doc.source
     return Cursor(uri=uri, version=doc.version, prefix=source[:offset], suffix=source[offset:],
@@ -90,7 +101,7 @@ def cursor_at(ls: DgEditServer, uri: str, position: types.Position) -> Cursor:
 def span_at(ls: DgEditServer, uri: str, rng: types.Range) -> tuple[Cursor, str]:
     """(prefix/suffix around a range, the text inside it) for a rewrite or a selected completion."""
     doc = open_document(ls, uri)
-    start_pos, end_pos = clamp(doc, rng.start), clamp(doc, rng.end)
+    start_pos, end_pos = checked(doc, rng.start), checked(doc, rng.end)
     start, end = offset_at(doc, start_pos), offset_at(doc, end_pos)
     if end < start:
         raise JsonRpcInvalidParams(f"range end {rng.end.line}:{rng.end.character} is before its start")

@@ -61,10 +61,10 @@ window/logMessage   model failures and invalid configuration; window/showMessage
 
 Errors
 ------
--32602 InvalidParams    unknown document (not opened), a line past the end of the document (a
-                        character past the end of its line means the line's end, as the spec
-                        says; returned ranges are clamped the same way), malformed params, input
-                        the engine rejects.
+-32602 InvalidParams    unknown document (not opened), a position outside the document (a line past
+                        its end, or a character past the end of its line: stricter than the spec's
+                        clamping, since such a position means the editor's text and ours differ),
+                        malformed params, input the engine rejects.
 -32800 RequestCancelled after $/cancelRequest.
 -32801 ContentModified  the document changed (didChange to a newer version) while the request ran:
                         no result is ever sent for an older version.

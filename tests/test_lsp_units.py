@@ -16,7 +16,7 @@ from pygls.workspace import PositionCodec, TextDocument
 
 from dg_edit.config import Settings
 from dg_edit.lsp import config
-from dg_edit.lsp.documents import clamp, offset_at
+from dg_edit.lsp.documents import offset_at
 from dg_edit.lsp.runner import trim_suffix_overlap
 
 
@@ -68,13 +68,11 @@ def test_offsets_in_each_encoding(encoding, units):
         assert offset_at(doc, t.Position(line=0, character=units(line0[:cut]))) == cut
     assert offset_at(doc, t.Position(line=1, character=1)) == len(line0) + 2
     assert offset_at(doc, t.Position(line=2, character=0)) == len(text)
-    # A character past the end of its line means the end of the line (LSP spec, Position).
-    assert offset_at(doc, t.Position(line=0, character=units(line0) + 7)) == len(line0)
-    assert clamp(doc, t.Position(line=0, character=units(line0) + 7)) == t.Position(line=0, character=units(line0))
-    assert offset_at(doc, t.Position(line=2, character=3)) == len(text)
-    for bad in (t.Position(line=3, character=0), t.Position(line=40, character=2)):
+    for bad in (t.Position(line=3, character=0), t.Position(line=40, character=2), t.Position(line=2, character=1)):
         with pytest.raises(JsonRpcInvalidParams, match="outside the document"):
             offset_at(doc, bad)
+    with pytest.raises(JsonRpcInvalidParams, match="past the end of line"):
+        offset_at(doc, t.Position(line=0, character=units(line0) + 1))
 
 
 def test_last_line_without_a_line_break_and_empty_documents():
@@ -84,9 +82,9 @@ def test_last_line_without_a_line_break_and_empty_documents():
         offset_at(doc, t.Position(line=1, character=0))  # there is no line after "x = 1"
     empty = TextDocument("file:///e.py", "", version=1)
     assert offset_at(empty, t.Position(line=0, character=0)) == 0
-    assert offset_at(empty, t.Position(line=0, character=9)) == 0
-    with pytest.raises(JsonRpcInvalidParams):
-        offset_at(empty, t.Position(line=1, character=0))
+    for bad in (t.Position(line=0, character=1), t.Position(line=1, character=0)):
+        with pytest.raises(JsonRpcInvalidParams):
+            offset_at(empty, bad)
 
 
 @pytest.mark.timeout(60)
@@ -109,7 +107,7 @@ def test_only_lsp_line_breaks_split_lines():
     assert len(doc.lines) == 4
     assert offset_at(doc, t.Position(line=1, character=0)) == text.index("b = 2")
     assert offset_at(doc, t.Position(line=3, character=1)) == len(text)
-    assert offset_at(doc, t.Position(line=0, character=99)) == text.index("\n")
+    assert offset_at(doc, t.Position(line=0, character=16)) == text.index("\n")  # the form feed is inside
     doc.apply_change(t.TextDocumentContentChangePartial(
         range=t.Range(start=t.Position(line=2, character=0), end=t.Position(line=2, character=1)), text="C"))
     assert doc.source == text.replace("c = 3", "C = 3")

@@ -2,28 +2,26 @@
 --
 -- Run by tests/test_nvim.py as
 --   nvim --headless --clean --cmd "set rtp^=editors/nvim" -c "luafile editors/nvim/tests/e2e.lua"
--- with DG_EDIT_E2E = JSON {cmd, file, out, scenario}. The scenario runs in a coroutine so the
--- editor's main loop keeps running: keys go through typeahead (mappings, TextChangedI, timers)
--- exactly as when a person types. It writes what it observed to `out` as JSON and quits;
--- pytest makes the assertions.
+-- with DG_EDIT_E2E = JSON {cmd, out, lsp, scenarios = [{name, file, row, auto_trigger?, debounce_ms?}]}.
+-- One Neovim and one server run every scenario in turn (each on its own file), which keeps the
+-- suite fast: the model loads once. The scenarios run in a coroutine so the editor's main loop
+-- keeps running: keys go through typeahead (mappings, TextChangedI, timers) exactly as when a
+-- person types. What each scenario observed is written to `out` as JSON; pytest asserts.
 
-local spec = vim.json.decode(vim.env.DG_EDIT_E2E)
-local obs = { scenario = spec.scenario, events = {} }
+local session = vim.json.decode(vim.env.DG_EDIT_E2E)
+local results = {}
+local spec, obs -- the scenario running now, and what it observed
 
 local function note(name, value)
   obs[name] = value
 end
 
-local function event(what)
-  obs.events[#obs.events + 1] = what
-end
-
 local function finish(err)
   if err then
-    obs.error = tostring(err)
+    results._error = tostring(err)
   end
-  local f = assert(io.open(spec.out, "w"))
-  f:write(vim.json.encode(obs))
+  local f = assert(io.open(session.out, "w"))
+  f:write(vim.json.encode(results))
   f:close()
   vim.cmd("qall!")
 end
@@ -64,16 +62,19 @@ local util = require("dg_edit.util")
 local inline = require("dg_edit.inline")
 
 dg.setup({
-  cmd = spec.cmd,
-  auto_trigger = spec.auto_trigger or false,
-  debounce_ms = spec.debounce_ms,
-  settings = spec.settings or {},
-  lsp = spec.lsp or {},
+  cmd = session.cmd,
+  auto_trigger = false,
+  settings = session.settings or {},
+  lsp = session.lsp or {},
 })
 
 -- Tee the server's dgEdit/canvas notifications: `done` carries each request's final text.
 local canvases = {}
 local function tee_canvas(client)
+  if client._dg_edit_tee then
+    return
+  end
+  client._dg_edit_tee = true
   local original = client.handlers["dgEdit/canvas"]
   client.handlers["dgEdit/canvas"] = function(err, params, ctx)
     canvases[#canvases + 1] = params
@@ -179,6 +180,7 @@ end
 function scenarios.cancel_on_type()
   local bufnr, client = open_at_end_of(spec.row)
   note("before", buffer_text(bufnr))
+  note("stats_before", server_stats(client))
   type_keys("<M-\\>x")
   wait_for("the typed character", 5000, function()
     return buffer_text(bufnr) ~= obs.before
@@ -268,6 +270,7 @@ function scenarios.rewrite()
   end)
   tee_canvas(client)
   note("before", buffer_text(bufnr))
+  note("stats_before", server_stats(client))
   -- Select line `row` linewise, then run the command the way a user does (:'<,'>DgEditRewrite).
   vim.api.nvim_win_set_cursor(0, { spec.row, 0 })
   type_keys("V<Esc>")
@@ -292,8 +295,22 @@ function scenarios.rewrite()
 end
 
 co = coroutine.create(function()
-  local ok, err = xpcall(scenarios[spec.scenario], debug.traceback)
-  finish(not ok and err or nil)
+  for _, scenario in ipairs(session.scenarios) do
+    spec, obs, canvases = scenario, {}, {}
+    results[scenario.name] = obs
+    -- Per-scenario plug-in options: the plug-in reads its config table at event time.
+    dg.config.auto_trigger = scenario.auto_trigger or false
+    dg.config.debounce_ms = scenario.debounce_ms
+    local ok, err = xpcall(scenarios[scenario.scenario or scenario.name], debug.traceback)
+    if not ok then
+      obs.error = tostring(err)
+    end
+    -- Back to normal mode with nothing pending before the next scenario.
+    vim.api.nvim_feedkeys(vim.keycode("<Esc>"), "nt", false)
+    sleep(50)
+    dg.dismiss()
+  end
+  finish()
 end)
 local ok, err = coroutine.resume(co)
 if not ok then

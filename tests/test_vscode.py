@@ -30,6 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 SOURCE = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
+REWRITE_SOURCE = "import os\nvalues = [x * 2 for x in range(10)]\nprint(values)\n"
 LINE, PREFIX_END = 2, "    return "  # the cursor goes to the end of line 2
 
 
@@ -87,6 +88,7 @@ def code_server(tmp_path_factory, model_dir):
     (dirs["user"] / "User" / "settings.json").write_text(json.dumps(settings, indent=2))
     source = dirs["workspace"] / "example.py"
     source.write_text(SOURCE)
+    (dirs["workspace"] / "rewrite_me.py").write_text(REWRITE_SOURCE)
 
     env = server_env()
     env.update(XDG_CONFIG_HOME=str(dirs["config"]), XDG_DATA_HOME=str(dirs["data"]),
@@ -105,6 +107,7 @@ def code_server(tmp_path_factory, model_dir):
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=60)
         yield {"url": f"http://127.0.0.1:{port}/?folder={dirs['workspace']}", "source": source,
+               "workspace": dirs["workspace"],
                "tee_log": tee_log, "log": root / "code-server.log", "root": root}
     finally:
         # The whole group: code-server, its extension host, the language server, the file watcher.
@@ -119,8 +122,9 @@ def code_server(tmp_path_factory, model_dir):
         log.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def page(code_server):
+    """One browser tab on the workbench for the module's tests (loading VS Code takes a while)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -128,6 +132,8 @@ def page(code_server):
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         page = context.new_page()
         page.set_default_timeout(60_000)
+        page.goto(code_server["url"])
+        page.locator(".monaco-workbench").wait_for(state="visible", timeout=90_000)
         try:
             yield page
         finally:
@@ -181,8 +187,6 @@ def _visible(text: str) -> str:
 
 @pytest.mark.timeout(420)
 def test_inline_suggestion_from_the_server_is_shown_and_tab_accepts_it(code_server, page):
-    page.goto(code_server["url"])
-    page.locator(".monaco-workbench").wait_for(state="visible", timeout=90_000)
     open_file_at(page, "example.py", LINE)
     # The extension started the server and the client is running (sparkle icon; a spinner while
     # starting): only then is the inline-completion provider registered.
@@ -215,3 +219,43 @@ def test_inline_suggestion_from_the_server_is_shown_and_tab_accepts_it(code_serv
     page.screenshot(path=str(ARTIFACTS / "vscode-accepted.png"))
     # Exactly one of the server's items was inserted at the cursor; the rest of the file is intact.
     assert any(saved == prefix + PREFIX_END + text + suffix for text in items), (saved, items)
+
+
+def command_results(tee_log: Path, command: str) -> list[dict]:
+    """Results the server returned for workspace/executeCommand `command`."""
+    ids = {m["id"] for m in read_tee_log(tee_log, "client")
+           if m.get("method") == "workspace/executeCommand" and m["params"]["command"] == command}
+    return [m["result"] for m in read_tee_log(tee_log) if m.get("id") in ids and "result" in m]
+
+
+@pytest.mark.timeout(300)
+def test_rewrite_selection_command_replaces_the_selection(code_server, page):
+    target = code_server["workspace"] / "rewrite_me.py"
+    open_file_at(page, "rewrite_me.py", 2)
+    page.keyboard.press("Home")
+    page.keyboard.press("Shift+End")
+    run_command(page, "dg-edit: Rewrite Selection")
+    # The extension asks for an optional instruction.
+    box = page.locator(".quick-input-widget input")
+    box.wait_for(state="visible")
+    box.fill("use a loop")
+    page.keyboard.press("Enter")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not command_results(code_server["tee_log"], "dg-edit.rewrite"):
+        time.sleep(0.3)
+    results = command_results(code_server["tee_log"], "dg-edit.rewrite")
+    assert results, "the server answered no dg-edit.rewrite"
+    result = results[-1]
+    assert result["applied"] is True, result
+    # The instruction travelled with the command.
+    sent = [m for m in read_tee_log(code_server["tee_log"], "client") if m.get("method") == "workspace/executeCommand"
+            and m["params"]["command"] == "dg-edit.rewrite"][-1]
+    assert sent["params"]["arguments"][0]["instruction"] == "use a loop"
+    page.keyboard.press("Control+S")
+    expected = "import os\n" + result["text"] + "\nprint(values)\n"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and target.read_text() != expected:
+        time.sleep(0.2)
+    page.screenshot(path=str(ARTIFACTS / "vscode-rewrite.png"))
+    # Exactly the selected line was replaced by the server's text; its neighbours are untouched.
+    assert target.read_text() == expected

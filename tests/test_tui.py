@@ -231,6 +231,42 @@ async def test_python_is_highlighted_with_line_numbers(source_file):
         assert keyword != name  # the keyword has its own colour
 
 
+async def test_drafts_keep_the_code_below_highlighted_and_reject_restores_the_display(tmp_path):
+    """Drafts shift the syntax highlights instead of re-querying the whole tree (see EditorArea); what
+    is drawn below the draft keeps its colours, and after a reject every line is drawn as before."""
+    from dg_edit.tui.ghost import Segment
+
+    p = tmp_path / "m.py"
+    p.write_text(SOURCE)
+    app = DgEditApp(p)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        editor = app.editor
+        editor.cursor_blink = False
+
+        def drawn(row_range):
+            return [[(seg.text, seg.style) for seg in editor.render_line(y)] for y in row_range]
+
+        def colour_of(y, word):
+            cells = [(ch, seg.style.color) for seg in editor.render_line(y) for ch in seg.text]
+            line = "".join(ch for ch, _ in cells)
+            return cells[line.index(word)][1]
+
+        editor.move_cursor((2, 0))
+        await pilot.pause()
+        before = drawn(range(12))
+        def_colour = colour_of(7, "def main")
+        editor.begin_proposal("infill", (2, 0), (2, 0))
+        for n in range(1, 4):  # drafts of 1, 2, 3 extra lines: the code below moves down
+            editor.show_segments([Segment("x = 1\n" * n, "faint")])
+            await pilot.pause()
+            assert colour_of(7 + n, "def main") == def_colour
+        editor.reject()
+        await pilot.pause()
+        assert editor.text == SOURCE
+        assert drawn(range(12)) == before
+
+
 # ---------------------------------------------------------------------------------------------- rewrite
 async def test_rewrite_shows_a_diff_then_tab_applies_and_ctrl_z_undoes(source_file, engine):
     app = DgEditApp(source_file, engine=engine)

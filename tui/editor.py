@@ -47,6 +47,7 @@ class EditorArea(TextArea):
     """`TextArea.code_editor` plus the pending-proposal region (see the module docstring)."""
 
     COMPONENT_CLASSES = TextArea.COMPONENT_CLASSES | {f"proposal--{name}" for name in STYLES}
+    _defer_highlights = False  # class default: TextArea.__init__ builds highlights before ours runs
 
     def __init__(self, text: str = "", *, language: str | None = None, **kwargs):
         super().__init__(text, language=language, theme="monokai", soft_wrap=False, tab_behavior="indent",
@@ -97,7 +98,7 @@ class EditorArea(TextArea):
         if p is None:
             return
         text = "".join(s.text for s in segments)
-        p.end = self._replace_unrecorded(text, p.start, p.end)
+        p.end = self._replace_unrecorded(text, p.start, p.end, draft=True)
         self._spans = _spans_by_line(p.start, segments)
         self.notify_style_update()
         self.refresh()
@@ -135,16 +136,50 @@ class EditorArea(TextArea):
         self.refresh()
         return p
 
-    def _replace_unrecorded(self, text: str, start: Location, end: Location) -> Location:
-        """A document edit that leaves no trace in the undo history (drafts are not the user's edits)."""
+    def _replace_unrecorded(self, text: str, start: Location, end: Location, *, draft: bool = False) -> Location:
+        """A document edit that leaves no trace in the undo history (drafts are not the user's edits).
+
+        For a `draft`, the syntax highlights are shifted rather than recomputed: TextArea re-queries the
+        whole syntax tree after every edit, which on a file of a few thousand lines costs more than a
+        denoising step. The proposal region itself is painted by the ghost styles; the real highlights
+        come back with the edit that ends the proposal.
+        """
         real_history = self.history
         self.history = EditHistory(max_checkpoints=1, checkpoint_timer=0.0, checkpoint_max_characters=1)
         self._proposal_editing = True
+        self._defer_highlights = draft
         try:
-            return super().edit(Edit(text, start, end, maintain_selection_offset=False)).end_location
+            new_end = super().edit(Edit(text, start, end, maintain_selection_offset=False)).end_location
         finally:
             self.history = real_history
             self._proposal_editing = False
+            self._defer_highlights = False
+        if draft:
+            self._shift_highlights(start, end, new_end)
+        return new_end
+
+    def _build_highlight_map(self) -> None:
+        if not self._defer_highlights:
+            super()._build_highlight_map()
+
+    def _shift_highlights(self, start: Location, old_end: Location, new_end: Location) -> None:
+        """Move the highlights below an edit by its change in line count; drop those inside it."""
+        highlights = self._highlights  # row -> [(start_byte, end_byte | None, name)], TextArea's own map
+        delta = new_end[0] - old_end[0]
+        shifted: dict[int, list] = {}
+        for row, items in highlights.items():
+            if row < start[0]:
+                shifted[row] = items
+            elif row > old_end[0]:
+                shifted[row + delta] = items
+            elif row == start[0]:  # keep what ends before the edit on its first line
+                cut = len(self.document.get_line(row)[: start[1]].encode("utf-8"))
+                kept = [h for h in items if h[1] is not None and h[1] <= cut]
+                if kept:
+                    shifted[row] = kept
+        highlights.clear()
+        highlights.update(shifted)
+        self.notify_style_update()
 
     # ------------------------------------------------------------------ rendering
     def get_line(self, line_index: int) -> Text:

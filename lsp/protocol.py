@@ -73,6 +73,15 @@ class DgEditProtocol(LanguageServerProtocol):
                 self._send_response(data["id"], error=error.to_response_error())
             raise
 
+    @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
+    def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams):
+        # pygls calls a command handler without its arguments when `arguments` is absent, and the
+        # resulting TypeError is answered as InternalError; as an empty list, pygls answers
+        # InvalidParams ("Expected 1 arguments, got 0"). Found by tests/fuzz/test_fuzz_lsp.py.
+        if params.arguments is None:
+            params.arguments = []
+        return (yield from super().lsp_workspace__execute_command(params))
+
     @lsp_method(types.INITIALIZE)
     def lsp_initialize(self, params: types.InitializeParams):
         general = params.capabilities.general

@@ -68,6 +68,7 @@ def tee_main(argv: list[str]) -> int:
     Bytes pass through unchanged."""
     import subprocess
     import threading
+    import time
 
     log_path, cmd = argv[0], argv[argv.index("--") + 1:]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -87,7 +88,7 @@ def tee_main(argv: list[str]) -> int:
                     break
                 body, buf = buf[end + 4:end + 4 + size], buf[end + 4 + size:]
                 with lock:
-                    log.write(json.dumps({"from": sender, "message": json.loads(body)}) + "\n")
+                    log.write(json.dumps({"from": sender, "t": round(time.time(), 3), "message": json.loads(body)}) + "\n")
                     log.flush()
         if sender == "client":
             dst.close()

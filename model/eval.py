@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=0)
         p.add_argument("--sampling", default="", help='JSON sampling overrides, e.g. \'{"max_denoising_steps": 12}\'')
         p.add_argument("--json", default="", help="also write per-task results here")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (1 by default: on a shared 2-core machine more threads "
+                            "make every small op wait for a descheduled peer)")
 
     h = sub.add_parser("humaneval-infilling", help="pass@1 on HumanEval-Infilling")
     h.add_argument("--split", choices=sorted(SPLITS), default="single-line")
@@ -278,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.task == "humaneval-infilling":
             return humaneval(args)

@@ -281,6 +281,7 @@ def export_model(model, out_dir: Path, tokenizer_dir: Path = DEFAULT_DIR, dg_edi
         pad_token_id=0,
     )
     model.save_pretrained(out_dir)
+    os.chmod(out_dir / "model.safetensors", 0o644)  # package data: readable by everyone
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = Path(tokenizer_dir) / name
         if src.exists() and src.resolve() != (out_dir / name).resolve():

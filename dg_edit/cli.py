@@ -38,12 +38,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The `Settings` for a command: defaults, then --config FILE, then --model."""
+    """The `Settings` for a command: defaults, then --config FILE, then --model.
+
+    A missing or invalid settings file is the user's mistake: `UsageError`.
+    """
     from .config import Settings
 
-    settings = Settings.from_file(args.config) if getattr(args, "config", None) else Settings()
-    if getattr(args, "model", None):
-        settings = Settings.from_dict({"model": args.model}, base=settings)
+    try:
+        settings = Settings.from_file(args.config) if getattr(args, "config", None) else Settings()
+        if getattr(args, "model", None):
+            settings = Settings.from_dict({"model": args.model}, base=settings)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     return settings
 
 
@@ -55,8 +61,8 @@ def load_engine(args: argparse.Namespace):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
     try:
-        settings = settings_from_args(args)
         return Engine.load(settings.model or None, device=args.device, dtype=args.dtype, settings=settings)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -124,15 +130,41 @@ def infill_json_line(engine, line: str) -> dict[str, Any]:
             "ms": round(r.ms, 1)}
 
 
+def _request_lines(stdin: TextIO):
+    """Lines of stdin, decoded one at a time so that bytes that are not UTF-8 cost that line only.
+
+    (Iterating a strict UTF-8 `sys.stdin` raises at the first bad byte and ends the whole run.)
+    Undecodable bytes become lone surrogates, which the JSON parser or the engine's text check then
+    reports as that line's error.
+    """
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        yield from stdin
+        return
+    for data in raw:
+        yield data.decode("utf-8", "surrogateescape")
+
+
+def _json_reply(reply: dict[str, Any]) -> str:
+    """One reply line: UTF-8 where possible; \\u escapes when the request echoed lone surrogates
+    (an id like "\\ud800" is valid JSON but cannot be written as UTF-8)."""
+    text = json.dumps(reply, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(reply)
+    return text
+
+
 def cmd_infill(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     if args.json:
         if args.file:
             raise UsageError("give either FILE --at LINE:COL or --json (requests on stdin), not both")
         engine = load_engine(args)
-        for line in stdin:
+        for line in _request_lines(stdin):
             if not line.strip():
                 continue
-            stdout.write(json.dumps(infill_json_line(engine, line), ensure_ascii=False) + "\n")
+            stdout.write(_json_reply(infill_json_line(engine, line)) + "\n")
             stdout.flush()
         return 0
     if not args.file or not args.at:

@@ -200,7 +200,7 @@ def edit_scripts(draw):
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@settings(max_examples=examples(120), **HYPOTHESIS)
+@settings(max_examples=examples(60), **HYPOTHESIS)
 @given(edit_scripts())
 def test_incremental_edits_with_any_unicode_land_where_the_client_means(lsp, fuzz_count, script):
     fuzz_count()
@@ -227,7 +227,7 @@ def classify(text: str, line: int, character: int) -> str:
     return "valid" if is_valid_cursor(text, line, character) else "mid_surrogate"
 
 
-@settings(max_examples=examples(120), **HYPOTHESIS)
+@settings(max_examples=examples(60), **HYPOTHESIS)
 @given(doc_text, st.integers(0, 8), st.integers(0, 30))
 def test_inline_completion_at_any_position(lsp, fuzz_count, text, line, character):
     fuzz_count()
@@ -289,7 +289,7 @@ def lsp_params(draw):
     return draw(st.one_of(st.just(params), json_values))
 
 
-@settings(max_examples=examples(200), **HYPOTHESIS)
+@settings(max_examples=examples(100), **HYPOTHESIS)
 @given(st.sampled_from(METHODS), lsp_params())
 def test_random_params_get_an_answer_never_an_internal_error(lsp, fuzz_count, method, params):
     fuzz_count()

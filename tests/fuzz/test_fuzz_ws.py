@@ -181,35 +181,35 @@ def request_shaped(draw):
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
-@settings(max_examples=examples(60), **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(st.binary(max_size=300))
 def test_random_binary_frames(session, fuzz_count, data):
     fuzz_count()
     send_and_check(session, data)
 
 
-@settings(max_examples=examples(80), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(st.one_of(st.text(max_size=200), st.text(st.characters(codec="utf-8"), max_size=200)))
 def test_random_text_frames(session, fuzz_count, text):
     fuzz_count()
     send_and_check(session, text)
 
 
-@settings(max_examples=examples(80), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(json_values)
 def test_random_json(session, fuzz_count, value):
     fuzz_count()
     send_and_check(session, json.dumps(value))
 
 
-@settings(max_examples=examples(250), **SETTINGS)
+@settings(max_examples=examples(150), **SETTINGS)
 @given(request_shaped())
 def test_request_shaped_frames_with_wrong_types_and_huge_values(session, fuzz_count, frame):
     fuzz_count()
     send_and_check(session, json.dumps(frame))
 
 
-@settings(max_examples=examples(100), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(st.binary(min_size=1, max_size=200), st.booleans())
 def test_raw_socket_garbage(service, session, fuzz_count, data, after_handshake):
     """Bytes that are not HTTP, or not websocket framing after a good handshake: the connection is

@@ -108,6 +108,13 @@ def load_engine(model_dir: str | None):
     return Engine.load(model_dir)
 
 
+def edit_similarity(a: str, b: str) -> float:
+    """difflib's ratio in [0, 1]: a softer figure than exact match for weak models."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
 def pct(k: int, n: int) -> str:
     return f"{100.0 * k / max(n, 1):5.1f}% ({k}/{n})"
 
@@ -197,6 +204,7 @@ def exact(args) -> int:
     sampling = json.loads(args.sampling) if args.sampling else {}
     names = ("model",) + BASELINES
     hits = {k: 0 for k in names}
+    sims = {k: [] for k in names}
     lat: list[float] = []
     warm: list[float] = []
     tpf: list[float] = []
@@ -218,6 +226,7 @@ def exact(args) -> int:
         pred = r.text.split("\n", 1)[0].rstrip()
         ok = pred == target
         hits["model"] += int(ok)
+        sims["model"].append(edit_similarity(pred, target))
         lat.append(r.ms)
         tpf.append(r.tokens_per_forward)
         base = {}
@@ -225,22 +234,24 @@ def exact(args) -> int:
             c = baseline_completion(b, t["prefix"], False).split("\n", 1)[0].rstrip()
             base[b] = c == target
             hits[b] += int(base[b])
+            sims[b].append(edit_similarity(c, target))
         records.append(dict(i=i, pred=pred, target=target, ok=ok, baselines=base, ms=round(r.ms, 1)))
         prog.update(ms=f"{r.ms:.0f}", exact=hits["model"])
     prog.close()
     n = len(tasks)
     med = statistics.median(lat) if lat else 0.0
     print(f"exact: {n} tasks from {args.file} (model {engine.name})")
-    line = (f"  model      exact {pct(hits['model'], n)}   median latency {med:.0f} ms   "
+    sim = {k: statistics.fmean(v) if v else 0.0 for k, v in sims.items()}
+    line = (f"  model      exact {pct(hits['model'], n)}   edit-sim {sim['model']:.3f}   median latency {med:.0f} ms   "
             f"tokens/forward {statistics.fmean(tpf) if tpf else 0.0:.2f}")
     if warm:
         line += f"   warm median {statistics.median(warm):.0f} ms"
     print(line)
     for b in BASELINES:
-        print(f"  {b:<10} exact {pct(hits[b], n)}")
+        print(f"  {b:<10} exact {pct(hits[b], n)}   edit-sim {sim[b]:.3f}")
     if args.json:
         summary = dict(task="exact", file=str(args.file), n=n, model=engine.name,
-                       exact={k: hits[k] / max(n, 1) for k in names}, median_ms=med,
+                       exact={k: hits[k] / max(n, 1) for k in names}, edit_similarity=sim, median_ms=med,
                        warm_median_ms=statistics.median(warm) if warm else None)
         Path(args.json).write_text(json.dumps(dict(summary=summary, records=records), indent=1) + "\n")
     return 0

@@ -80,7 +80,8 @@ def test_exact_end_to_end(tiny_model_dir, tmp_path, capsys):
     rc = ev.main(["exact", str(tasks), "--model", str(tiny_model_dir)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert re.search(r"model\s+exact\s+[\d.]+% \(\d/2\)\s+median latency \d+ ms", out), out
+    assert re.search(r"model\s+exact\s+[\d.]+% \(\d/2\)\s+edit-sim [\d.]+\s+median latency \d+ ms", out), out
+    assert re.search(r"prev-line\s+exact\s+50\.0% \(1/2\)\s+edit-sim [\d.]+", out), out
     assert re.search(r"empty\s+exact\s+0\.0% \(0/2\)", out), out
     assert re.search(r"prev-line\s+exact\s+50\.0% \(1/2\)", out), out
 

@@ -1,9 +1,11 @@
 """Can the TUI keep up with the model? Per denoising step, the time the app spends showing the step
-(ghost-text edit, syntax re-highlight, canvas panel, one repaint of the visible editor) next to the
-time the model spent on that step, in one run, for a small file and a large one.
+(ghost-text edit, syntax highlights, canvas panel, one repaint of the visible editor) next to the
+time the model spent on that step, in one run, for a small file and a large one; and, for the large
+file, the same with TextArea's own full re-highlight after every draft edit instead of the editor's
+shifted highlights (the ratio between the two is what the shift buys).
 
 A ratio well below 1 means the animation costs little next to the model; near or above 1 means the
-UI, not the model, would set the pace of the animation.
+UI, not the model, would set the pace of the animation (the app then skips to the newest step).
 
     OMP_NUM_THREADS=1 python bench/tui.py [--model DIR] [--requests 4] [--large FILE]
 """
@@ -22,6 +24,7 @@ from textual.geometry import Region
 
 from dg_edit import Done, Engine, Step
 from dg_edit.tui.app import DgEditApp, ModelEvent
+from dg_edit.tui.editor import EditorArea
 
 SMALL = 'import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef main():\n    \n    print(add(1, 2))\n'
 
@@ -48,8 +51,24 @@ class TimedApp(DgEditApp):
             self.steps_computed += event.steps
 
 
-async def measure(path: Path, engine: Engine, cursor: tuple[int, int], requests: int) -> TimedApp:
-    app = TimedApp(path, engine=engine)
+class FullRehighlightEditor(EditorArea):
+    """The editor as it would be without shifting highlights: every draft re-queries the syntax tree."""
+
+    def _replace_unrecorded(self, text, start, end, *, draft: bool = False):
+        return super()._replace_unrecorded(text, start, end, draft=False)
+
+
+class FullRehighlightApp(TimedApp):
+    def compose(self):
+        for widget in super().compose():
+            if isinstance(widget, EditorArea):
+                widget = FullRehighlightEditor("", language=widget.language, id="editor")
+            yield widget
+
+
+async def measure(path: Path, engine: Engine, cursor: tuple[int, int], requests: int,
+                  app_class: type[TimedApp] = TimedApp) -> TimedApp:
+    app = app_class(path, engine=engine)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         app.show_canvas = True
@@ -80,16 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         middle_row = text.count("\n") // 2
         print(f"model {engine.name}, {args.requests} infill requests per file; medians per step:")
         print(f"{'file':<26}{'lines':>7}{'model ms':>10}{'UI ms':>8}{'UI/model':>10}{'steps shown':>14}")
-        for label, path, cursor in (("small", small, (8, 4)),
-                                    (f"large ({Path(args.large).name})", large, (middle_row, 0))):
-            app = asyncio.run(measure(path, engine, cursor, args.requests))
+        runs = [("small", small, (8, 4), TimedApp),
+                (f"large ({Path(args.large).name})", large, (middle_row, 0), TimedApp),
+                ("large, full re-highlight", large, (middle_row, 0), FullRehighlightApp)]
+        ui_by_label = {}
+        for label, path, cursor, app_class in runs:
+            app = asyncio.run(measure(path, engine, cursor, args.requests, app_class))
             if not app.ui_ms or not app.model_ms_per_step:
                 print(f"{label:<26} no steps were shown")
                 continue
             ui_med, model_med = statistics.median(app.ui_ms), statistics.median(app.model_ms_per_step)
+            ui_by_label[label] = ui_med
             lines = path.read_text().count("\n") + 1
             shown = f"{len(app.ui_ms)}/{app.steps_computed}"
             print(f"{label:<26}{lines:>7}{model_med:>10.1f}{ui_med:>8.1f}{ui_med / model_med:>10.2f}{shown:>14}")
+        shifted, full = ui_by_label.get(runs[1][0]), ui_by_label.get(runs[2][0])
+        if shifted and full:
+            print(f"UI time per step on the large file, full re-highlight / shifted highlights: {full / shifted:.1f}x")
     return 0
 
 

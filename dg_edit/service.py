@@ -72,6 +72,7 @@ class Service:
         self.executor = ThreadPoolExecutor(MODEL_THREADS, thread_name_prefix="dg-edit-model")
         self.clients: set[Client] = set()
         self._numbers = itertools.count(1)
+        self._coalesced_closed = 0  # drafts coalesced on connections that have closed since
         self._started = time.monotonic()
         info = engine.info()
         self._model = {k: info.get(k) for k in ("model", "device", "dtype", "parameters", "canvas_length")}
@@ -89,6 +90,8 @@ class Service:
             "uptime_s": round(time.monotonic() - self._started, 1),
             "connections": len(self.clients),
             "inflight": sum(len(c.inflight) for c in self.clients),
+            # step frames replaced by a newer draft before a lagging client read them
+            "drafts_coalesced": self._coalesced_closed + sum(c.outbox.coalesced for c in self.clients),
         }
 
     async def start(self) -> Server:
@@ -131,6 +134,7 @@ class Service:
             await client.run()
         finally:
             self.clients.discard(client)
+            self._coalesced_closed += client.outbox.coalesced
 
 
 class Client:

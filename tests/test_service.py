@@ -49,10 +49,10 @@ def server_frame_validator():
     return _SERVER_FRAME
 
 
-# Every block runs all of its denoising steps: the model never looks "confident enough" to stop
-# early (a documented sampling setting), so a request with a budget of several canvas blocks runs
-# for many steps with any model, and cancel/busy/interleaving tests do not race a lucky early EOS.
-STEADY = {"sampling": {"confidence_threshold": 1e-30}}
+# Every block runs exactly 8 denoising steps: the model never looks "confident enough" to stop early
+# (documented sampling settings), so a request of two canvas blocks runs 16 steps with any model, and
+# cancel/busy/interleaving tests do not race a lucky early EOS, nor wait for 48-step blocks.
+STEADY = {"sampling": {"max_denoising_steps": 8, "confidence_threshold": 1e-30}}
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,15 @@ def steady_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(model_dir, steady_config, tmp_path_factory):
-    """Three services started side by side: plain (default limits, steady sampling), auth (defaults,
-    a token and an allow-list) and limits (a request time limit far below one request's run time)."""
+    """Three services started side by side, all with steady sampling: plain (default limits), auth (a
+    token and an allow-list) and limits (a request time limit far below one request's run time)."""
     limits = tmp_path_factory.mktemp("serve") / "limits.json"
     limits.write_text(json.dumps({**STEADY, "request_timeout_s": 0.05}))
     model = ["--model", str(model_dir)]
     procs = {
         "plain": ServeProcess([*model, "--config", str(steady_config)]),
-        "auth": ServeProcess([*model, "--token", TOKEN, "--allow-origin", ALLOWED]),
+        "auth": ServeProcess([*model, "--config", str(steady_config), "--token", TOKEN,
+                              "--allow-origin", ALLOWED]),
         "limits": ServeProcess([*model, "--config", str(limits)]),
     }
     for proc in procs.values():
@@ -322,7 +323,8 @@ async def test_more_than_max_inflight_requests_is_busy(server):
 async def test_request_time_limit_gives_a_timeout_error(servers):
     server = servers["limits"]
     async with connect(server.ws_url) as ws:
-        await ws.send(infill("t1", "def f():\n", max_new_tokens=long_tokens(server)))
+        # 16 blocks of 8 steps: far longer than 0.05 s on any machine.
+        await ws.send(infill("t1", "def f():\n", max_new_tokens=8 * long_tokens(server)))
         final = check_stream((await collect(ws, ["t1"]))["t1"])
         assert (final["type"], final["code"]) == ("error", "timeout")
         assert "request_timeout_s=0.05" in final["message"]
@@ -413,10 +415,15 @@ async def test_a_slow_reader_gets_coalesced_drafts_and_does_not_stall_others(ser
         assert [(f["id"], f["type"]) for f in steps] == [("f1", "step")] * 2
         await fast.send(json.dumps({"type": "cancel", "id": "f1"}))
         assert (await collect(fast, ["f1"]))["f1"][-1]["type"] in ("cancelled", "done")
-    # Stay stalled until the slow client's requests finish, for at most 10 s: the service's keepalive
-    # ping (after 20 s, answered within 20 s) must find the client reading again.
-    while asyncio.get_running_loop().time() - started < 10 and health(server)["inflight"] > 0:
+    coalesced_before = health(server)["drafts_coalesced"]  # only the slow connection is left
+    # Stay stalled until the service had to coalesce drafts (or the requests finished), for at most
+    # 25 s: its keepalive ping (sent after 20 s, answered within 20 s) must find the client reading.
+    while asyncio.get_running_loop().time() - started < 25:
+        info = health(server)
+        if info["drafts_coalesced"] > coalesced_before or info["inflight"] == 0:
+            break
         await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # a few more drafts pile up
     frames = await asyncio.to_thread(slow.read_until_finals, ids)
     slow.close()
     finals = [check_stream(frames[rid]) for rid in ids]

@@ -9,6 +9,7 @@ temporary file in the same folder, is fsynced, gets the old file's mode and repl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -106,6 +107,12 @@ def atomic_write(path: str | Path, text: str) -> Fingerprint:
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
         mode = _default_mode()
+    else:
+        # Replacing the file would succeed (the folder is writable), but a read-only file is the
+        # user saying "do not change this": refuse, as other editors do, rather than overwrite it.
+        if not mode & 0o222 or not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, f"{target.name} is read-only (mode {mode:o}); make it writable "
+                                                "to save it")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".dg-edit-tmp")
     try:
         with os.fdopen(fd, "wb") as f:

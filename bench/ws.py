@@ -63,7 +63,8 @@ async def one_client(url: str, client_no: int, requests: int, max_new_tokens: in
                     samples.append(Sample(first, now, reply["steps"]))
                     break
                 elif reply["type"] != "step":
-                    raise RuntimeError(f"request {rid} failed: {reply}")
+                    print(f"  request {rid} failed: {reply.get('code')}: {reply.get('message')}", file=sys.stderr)
+                    break
     return samples
 
 
@@ -103,6 +104,9 @@ def pct(values: list[float], q: float) -> float:
 def report(label: str, wall: float, samples: list[Sample], base: tuple[float, float] | None) -> tuple[float, float]:
     firsts = [s.first_step_ms for s in samples if s.first_step_ms is not None]
     dones = [s.done_ms for s in samples]
+    if not firsts:
+        print(f"{label:>18}     0  no request finished")
+        return base or (float("nan"), float("nan"))
     steps = sum(s.steps for s in samples)
     rps, sps = len(samples) / wall, steps / wall
     ratio = f"{rps / base[0]:5.2f}x" if base else "  1.00x"

@@ -85,7 +85,8 @@ def code_server(tmp_path_factory, model_dir):
     }
     assert server_cmd[-3] == "lsp"
     (dirs["user"] / "User").mkdir()
-    (dirs["user"] / "User" / "settings.json").write_text(json.dumps(settings, indent=2))
+    settings_file = dirs["user"] / "User" / "settings.json"
+    settings_file.write_text(json.dumps(settings, indent=2))
     source = dirs["workspace"] / "example.py"
     source.write_text(SOURCE)
     (dirs["workspace"] / "rewrite_me.py").write_text(REWRITE_SOURCE)
@@ -107,7 +108,7 @@ def code_server(tmp_path_factory, model_dir):
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=60)
         yield {"url": f"http://127.0.0.1:{port}/?folder={dirs['workspace']}", "source": source,
-               "workspace": dirs["workspace"],
+               "workspace": dirs["workspace"], "settings_file": settings_file, "settings": settings,
                "tee_log": tee_log, "log": root / "code-server.log", "root": root}
     finally:
         # The whole group: code-server, its extension host, the language server, the file watcher.
@@ -259,3 +260,34 @@ def test_rewrite_selection_command_replaces_the_selection(code_server, page):
     page.screenshot(path=str(ARTIFACTS / "vscode-rewrite.png"))
     # Exactly the selected line was replaced by the server's text; its neighbours are untouched.
     assert target.read_text() == expected
+
+
+def set_setting_in_ui(page, key: str, value: str) -> None:
+    """Change a string setting in the Settings editor, as a user does (its search box has focus)."""
+    run_command(page, "Preferences: Open User Settings")
+    field = page.locator(f".setting-item-contents[data-key='{key}'] input")
+    page.keyboard.press("Control+A")  # the search box may still hold the last query
+    page.keyboard.type(key)
+    field.wait_for(state="visible")
+    field.fill(value)
+    field.press("Tab")  # commit the edit
+    page.keyboard.press("Escape")
+
+
+@pytest.mark.timeout(300)
+def test_missing_server_is_explained_and_fixing_the_setting_restarts_it(code_server, page):
+    """A wrong `dgEdit.command` gives a message naming the command; correcting it restarts the server."""
+    good = code_server["settings"]["dgEdit.command"]
+    dg_status = page.locator(".statusbar-item", has_text="dg-edit")
+    try:
+        set_setting_in_ui(page, "dgEdit.command", "/nonexistent/dg-edit")
+        toast = page.locator(".notification-toast", has_text="was not found")
+        toast.wait_for(state="visible", timeout=60_000)
+        text = toast.inner_text()
+        assert "/nonexistent/dg-edit" in text and "dgEdit.command" in text, text
+        dg_status.locator(".codicon-error").wait_for(state="visible", timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / "vscode-server-not-found.png"))
+    finally:
+        set_setting_in_ui(page, "dgEdit.command", good)
+    # Back to the right command: the extension restarts the server by itself.
+    dg_status.locator(".codicon-sparkle, .codicon-check").first.wait_for(state="visible", timeout=120_000)

@@ -18,7 +18,7 @@ import {
 import { CanvasParams, CanvasView } from "./canvas";
 import { ServerLog } from "./log";
 import { rewriteSelection } from "./rewrite";
-import { documentSelector, launchSettings, needsRestart, SECTION, serverSettings } from "./settings";
+import { documentSelector, LaunchSettings, launchSettings, needsRestart, SECTION, serverSettings } from "./settings";
 
 let client: LanguageClient | undefined;
 let canvas: CanvasView | undefined;
@@ -89,24 +89,24 @@ async function start(): Promise<void> {
     if (e.newState === State.Stopped) setStatus("$(error) dg-edit", "dg-edit: language server stopped (click for the log)");
   });
   setStatus("$(loading~spin) dg-edit", "dg-edit: starting the language server");
-  const cmdline = [launch.command, ...launch.args].join(" ");
   try {
     await next.start();
   } catch (err) {
     client = undefined;
-    reportStartFailure(cmdline, err);
+    reportStartFailure(launch, err);
     return;
   }
   next.onNotification("dgEdit/canvas", (params: CanvasParams) => canvas?.update(params));
 }
 
 /** Explain why the server did not start, with the server's own last words when it printed any. */
-function reportStartFailure(cmdline: string, err: unknown): void {
+function reportStartFailure(launch: LaunchSettings, err: unknown): void {
+  const cmdline = [launch.command, ...launch.args].join(" ");
   setStatus("$(error) dg-edit", "dg-edit: language server failed to start (click for the log)");
   const reason = err instanceof Error ? err.message : String(err);
   const notFound = /ENOENT/.test(reason);
   const detail = notFound
-    ? `“${cmdline}” was not found. Install dg-edit (pip install dg-edit) or set dgEdit.command to its full path.`
+    ? `“${launch.command}” was not found. Install dg-edit (pip install dg-edit) or set dgEdit.command to its full path.`
     : `“${cmdline}” stopped: ${log.lastLines(3) || reason}`;
   log.channel.error(detail);
   void vscode.window.showErrorMessage(`dg-edit: ${detail}`, "Open Settings", "Show Log").then((choice) => {

@@ -135,3 +135,22 @@ async def test_service_going_away_is_reported_and_the_buffer_kept(source_file, m
             assert app.editor.text == SOURCE
     finally:
         proc.stop()
+
+
+def test_remote_engine_serialises_a_new_request_behind_a_cancelled_one(server):
+    """The TUI starts the next request in a new worker thread while the cancelled one may still be
+    draining its frames: both must work on the one connection."""
+    import threading
+
+    engine = RemoteEngine(server.ws_url).connect()
+    try:
+        first = engine.stream("def f(x):\n    return ", "\n")
+        assert next(first).index >= 1  # the request is running
+        closer = threading.Thread(target=first.close)  # cancel + drain, in its own thread
+        closer.start()
+        events = list(engine.stream("import os\n", ""))  # meanwhile, from this thread
+        closer.join(30)
+        assert not closer.is_alive()
+        assert events[-1].steps >= 1
+    finally:
+        engine.close()

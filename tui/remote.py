@@ -4,7 +4,8 @@
 own `Step`/`Done` events, rebuilt from the documented websocket frames (`dg_edit.protocol`), so the
 app cannot tell the difference. It runs in the app's model worker thread, hence the synchronous
 websockets client. Closing a stream early (the user pressed escape) sends `cancel` for its id and
-reads up to the request's last frame, so the connection stays in step for the next request.
+reads up to the request's last frame, so the connection stays in step for the next request; the
+next request waits for that (one request at a time per connection).
 
 What the wire does not carry: the token ids of the canvas (`Step.canvas`), so the canvas panel shows
 only the middle's tokens when connected.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import uuid
 from typing import Any, Iterator
 
@@ -58,6 +60,9 @@ class RemoteEngine:
         self.settings = settings or Settings()
         self._ws: ClientConnection | None = None
         self._stack = contextlib.ExitStack()  # holds the connection's context open between requests
+        # One request at a time on the connection, its cancel drain included: a new request (a new
+        # worker thread) waits until the previous one has read its last frame.
+        self._busy = threading.Lock()
         self.name = url
 
     def connect(self) -> "RemoteEngine":
@@ -106,6 +111,10 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ one request
     def _run(self, body: dict[str, Any]) -> Iterator[Step | Done]:
+        with self._busy:
+            yield from self._request(body)
+
+    def _request(self, body: dict[str, Any]) -> Iterator[Step | Done]:
         ws = self._connection()
         rid = uuid.uuid4().hex
         finished = False

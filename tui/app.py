@@ -494,10 +494,22 @@ class DgEditApp(App[int]):
         self.show_canvas = not self.show_canvas
 
 
+KEYS_HELP = """keys:
+  ctrl+space, f2   infill at the cursor (the draft refines in place as ghost text)
+  ctrl+r           rewrite the selection (asks for an optional instruction and a strength)
+  tab / escape     accept / reject the proposal (escape also cancels a running request)
+  ctrl+z           undo (an accepted proposal is one undo step)
+  f3               show or hide the canvas panel
+  ctrl+s / ctrl+q  save (atomically) / quit (asks when there are unsaved changes)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dg_edit.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="dg-edit tui", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dg-edit tui", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Terminal editor: infill and rewrite code with the diffusion model, watching it refine.",
+        epilog=KEYS_HELP)
     parser.add_argument("file", help="the file to edit (you are offered to create it if it does not exist)")
     parser.add_argument("--connect", metavar="WS_URL", default=None,
                         help="drive a running `dg-edit serve` (e.g. ws://127.0.0.1:8765/ws) instead of loading "

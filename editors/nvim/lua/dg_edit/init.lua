@@ -111,7 +111,11 @@ local function set_keymaps(bufnr)
   if cfg.keymap_accept ~= "" then
     local fallback = vim.keycode(cfg.keymap_accept)
     vim.keymap.set("i", cfg.keymap_accept, function()
-      if native_available() or M.visible(bufnr) then
+      if native_available() then
+        -- 0.12+: the native module accepts (or reports nothing to accept) itself.
+        return vim.lsp.inline_completion.get({ bufnr = bufnr }) and "" or fallback
+      end
+      if M.visible(bufnr) then
         -- Text cannot change inside an <expr> mapping: insert right after it.
         vim.schedule(function()
           M.accept(bufnr)

@@ -131,7 +131,7 @@ def read_problems(data_dir: Path, split: str) -> list[dict]:
 
 
 def humaneval(args) -> int:
-    problems = read_problems(args.data, args.split)
+    problems = read_problems(args.data, args.split)[:: max(1, args.every)]
     if args.limit:
         problems = problems[: args.limit]
     engine = load_engine(args.model)
@@ -198,6 +198,7 @@ def humaneval(args) -> int:
 
 def exact(args) -> int:
     tasks = [json.loads(x) for x in Path(args.file).read_text(encoding="utf-8").splitlines() if x.strip()]
+    tasks = tasks[:: max(1, args.every)]
     if args.limit:
         tasks = tasks[: args.limit]
     engine = load_engine(args.model)
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
         p.add_argument("--limit", type=int, default=0, help="only the first N tasks")
+        p.add_argument("--every", type=int, default=1,
+                       help="only every K-th task (an even sample across problems), before --limit")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-new-tokens", type=int, default=0)
         p.add_argument("--sampling", default="", help='JSON sampling overrides, e.g. \'{"max_denoising_steps": 12}\'')

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from pygls.exceptions import JsonRpcException
@@ -64,7 +64,6 @@ class EngineHost:
         self.dtype = dtype
         self.threads = threads  # torch CPU threads, set in the loading thread (importing torch takes seconds)
         self.warm_up = warm_up
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dg-edit-load")
         self._future: Future | None = None
         self._settings: Settings | None = None
         self.load_ms: float | None = None
@@ -83,7 +82,7 @@ class EngineHost:
             self.reconfigure(settings)
             return
         self._settings = settings
-        self._future = self._pool.submit(self._load, settings)
+        self._future = self._submit(self._load, settings)
 
     def reconfigure(self, settings: Settings) -> None:
         """Apply new settings: another model reloads; other window sizes re-wrap the loaded model."""
@@ -94,7 +93,7 @@ class EngineHost:
         self._settings = settings
         if any(getattr(old, k) != getattr(settings, k) for k in _WINDOW_KEYS):
             previous = self._future
-            self._future = self._pool.submit(self._rewrap, previous, settings)
+            self._future = self._submit(self._rewrap, previous, settings)
 
     async def get(self) -> "Engine":
         if self._future is None:
@@ -131,9 +130,23 @@ class EngineHost:
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to wait for: loads run in daemon threads, so an editor quitting mid-load is not delayed."""
 
     # ------------------------------------------------------------------ worker thread
+    def _submit(self, fn, *args) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # delivered to every awaiting request as EngineUnavailable
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="dg-edit-load", daemon=True).start()
+        return future
+
     def _load(self, settings: Settings) -> "Engine":
         import torch
 

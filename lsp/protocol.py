@@ -33,7 +33,7 @@ def _reason(exc: BaseException) -> str:
     """A one-line account of why params did not structure (cattrs keeps the detail in the cause)."""
     cause = exc.__cause__
     if isinstance(cause, cattrs.ClassValidationError):
-        return "; ".join(cattrs.transform_error(cause, path="params"))
+        return "; ".join(m.replace("@ $.params", "@ params") for m in cattrs.transform_error(cause, path="$"))
     return str(cause or exc) or type(exc).__name__
 
 
@@ -64,14 +64,24 @@ class LspWorkspace(Workspace):
 
 class DgEditProtocol(LanguageServerProtocol):
     def structure_message(self, data: dict[str, Any]):
+        # pygls runs this as json's object_hook, so it also sees every object nested in params; one
+        # that merely has a "jsonrpc" key ({"jsonrpc": 400} in a fuzzed position) is not a message.
+        if not (isinstance(data.get("jsonrpc"), str) and ("method" in data or "id" in data)):
+            return data
         try:
             return super().structure_message(data)
         except JsonRpcException as exc:
-            if isinstance(data, dict) and "id" in data and "method" in data:
+            if "id" in data and "method" in data:
                 # A request: the client is waiting for this id. Answer it, then let pygls log the failure.
                 error = JsonRpcInvalidParams(f"invalid params for {data['method']}: {_reason(exc)}")
                 self._send_response(data["id"], error=error.to_response_error())
-            raise
+                raise
+            if "method" in data:  # a notification that does not fit its type: pygls logs and drops it
+                raise
+            future = self._request_futures.pop(data.get("id"), None)
+            if future is not None:  # a malformed answer to one of our requests: fail that request
+                future.set_exception(JsonRpcInvalidParams(f"malformed response from the client: {_reason(exc)}"))
+            return data  # (or nested junk: let the outer message decide)
 
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
     def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams):

@@ -14,6 +14,7 @@ the model ran (ContentModified). A failed model call never sends an edit.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Optional
 
 import attrs
@@ -21,6 +22,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
 from . import documents
+from .engine_host import RequestFailed
 from .progress import StepReporter
 from .runner import infill_texts, run_events
 from .state import DgEditServer
@@ -108,7 +110,12 @@ async def _apply(ls: DgEditServer, uri: str, version: int, rng: types.Range, tex
             text_document=types.OptionalVersionedTextDocumentIdentifier(uri=uri, version=version), edits=[edit])])
     else:
         workspace_edit = types.WorkspaceEdit(changes={uri: [edit]})
-    answer = await ls.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(edit=workspace_edit, label=label))
+    try:
+        async with asyncio.timeout(ls.settings.request_timeout_s):
+            answer = await ls.workspace_apply_edit_async(
+                types.ApplyWorkspaceEditParams(edit=workspace_edit, label=label))
+    except TimeoutError:
+        raise RequestFailed("dg-edit: the editor did not answer workspace/applyEdit") from None
     result: dict[str, Any] = {"applied": bool(answer.applied), "text": text, "version": version}
     if answer.failure_reason:
         result["failureReason"] = answer.failure_reason

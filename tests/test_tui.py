@@ -174,6 +174,12 @@ async def test_cancel_while_denoising_restores_buffer_and_stops_the_model(source
         gated.gate.release()
         await wait_for(pilot, lambda: app.status.progress.startswith("step 1/"), what="the first step")
         assert editor.proposal is not None and app.request is not None
+        source_file.write_text("")  # so that the save below really writes
+        await pilot.press("ctrl+s")  # saving mid-request writes the user's text, never the draft
+        await pilot.click("#choice-overwrite")
+        await pilot.pause()
+        assert source_file.read_text() == SOURCE
+        assert app.request is not None  # saving did not disturb the request
         await pilot.press("escape")
         await pilot.pause()
         assert editor.text == SOURCE

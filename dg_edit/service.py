@@ -47,7 +47,11 @@ log = logging.getLogger("dg_edit.service")
 # Worker threads for model streams, shared by all connections. The engine runs one step at a time
 # under its lock, so threads beyond the number of live requests buy nothing; fewer than that would
 # make a new request wait for a whole other request before its first step.
-MODEL_THREADS = 32
+MODEL_THREADS = 64
+# Requests running at once on the whole service: one model thread each. More would wait invisibly in
+# the executor's queue for a whole other request to end (a starved client, no step for seconds), so
+# past this the client is told `busy` at once instead.
+MAX_INFLIGHT_TOTAL = MODEL_THREADS
 # Kernel send buffer per connection, and websockets' write buffer high-water mark. Left to
 # autotuning, Linux lets the kernel buffer grow to megabytes (on loopback at once), so a lagging
 # client would be sent seconds-old drafts from buffers before coalescing ever started. 16 KiB holds
@@ -205,6 +209,11 @@ class Client:
             raise ProtocolError(protocol.BUSY, f"{len(self.inflight)} requests are already running on this "
                                                f"connection (max_inflight={self.settings.max_inflight}); wait for "
                                                "one to finish or cancel one", request.id)
+        running = sum(len(c.inflight) for c in self.service.clients)
+        if running >= MAX_INFLIGHT_TOTAL:
+            raise ProtocolError(protocol.BUSY, f"{running} requests are running on this service (at most "
+                                               f"{MAX_INFLIGHT_TOTAL} at once); try again when one has finished",
+                                request.id)
         task = asyncio.create_task(self._serve(request), name=f"dg-edit-ws{self.number}-{request.id}")
         self.inflight[request.id] = task
         task.add_done_callback(lambda t, rid=request.id: self._finished(rid, t))

@@ -24,6 +24,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 TOKEN = "browser-token"
+# The cursor on an indented empty line of a function body: a multi-line infill, which even a weak
+# model fills with something (at the end of a line it may well propose nothing).
+PREFIX = 'import os\n\n\ndef list_files(path):\n    """Return the names of the files in path."""\n    '
+SUFFIX = "\n\n\nprint(list_files('.'))\n"
 
 # Records every text the ghost (the draft shown in place) takes, as the page renders it.
 RECORD_DRAFTS = """
@@ -31,7 +35,7 @@ window.__drafts = [];
 window.__tokens = [];
 new MutationObserver(() => {
   const ghost = document.getElementById("ghost");
-  if (!ghost || ghost.classList.contains("final")) return;
+  if (!ghost || ghost.dataset.step === undefined) return;  // only drafts drawn from step frames
   window.__drafts.push(ghost.textContent);
   for (const tok of ghost.querySelectorAll(".tok")) window.__tokens.push([tok.className, tok.title]);
 }).observe(document, {subtree: true, childList: true, characterData: true});
@@ -77,6 +81,17 @@ def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
+def type_document(page, prefix: str, suffix: str) -> None:
+    """Type the text as a person would, then walk the cursor back to the end of `prefix`."""
+    editor = page.locator("#editor")
+    editor.fill("")
+    editor.click()
+    page.keyboard.type(prefix + suffix)
+    for _ in range(utf16_len(suffix)):
+        page.keyboard.press("ArrowLeft")
+    assert page.evaluate("() => document.getElementById('editor').selectionStart") == utf16_len(prefix)
+
+
 def open_page(page, service):
     page.goto(f"{service.url}/?token={TOKEN}")
     page.wait_for_selector('#connection[data-state="open"]', timeout=60_000)
@@ -84,18 +99,10 @@ def open_page(page, service):
 
 def test_infill_refines_in_place_and_tab_accepts(page, service):
     open_page(page, service)
-    editor = page.locator("#editor")
-    editor.fill("")
-    editor.click()
-    page.keyboard.type("def area(width, height):\n    return \n\nprint(area(3, 4))\n")
-    # Cursor after "return ": up three lines from the end, then to the end of that line.
-    for _ in range(3):
-        page.keyboard.press("ArrowUp")
-    page.keyboard.press("End")
-    prefix, suffix = "def area(width, height):\n    return ", "\n\nprint(area(3, 4))\n"
-    assert page.evaluate("() => document.getElementById('editor').selectionStart") == len(prefix)
+    prefix, suffix = PREFIX, SUFFIX
+    type_document(page, prefix, suffix)
     page.fill("#max-new-tokens", "64")
-    editor.focus()
+    page.locator("#editor").focus()
     page.keyboard.press("Control+Space")
     page.wait_for_selector("#preview:not([hidden])")
     page.wait_for_selector('#status[data-kind="done"]', timeout=120_000)
@@ -106,7 +113,7 @@ def test_infill_refines_in_place_and_tab_accepts(page, service):
     assert len(done) == 1, page.frames_received
     final = done[0]["text"]
     drafts = page.evaluate("() => window.__drafts")
-    distinct = [d for i, d in enumerate(drafts) if d and d not in drafts[:i]]
+    distinct = set(drafts)
     assert len(distinct) >= 2, f"the middle should visibly refine; drafts shown: {drafts!r}"
     # The final text sits in place between prefix and suffix, inserted as text (never parsed as HTML).
     assert page.text_content("#ghost") == final
@@ -156,6 +163,8 @@ def test_drafts_are_shaded_by_confidence_and_escape_dismisses(page, service):
 
     page.route_web_socket(re.compile(r"/ws(\?|$)"), route)
     open_page(page, service)
+    type_document(page, PREFIX, SUFFIX)
+    page.fill("#max-new-tokens", "64")
     page.locator("#editor").focus()
     page.keyboard.press("Control+Space")
     page.wait_for_function("() => document.getElementById('status').textContent.includes('step')",

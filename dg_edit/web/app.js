@@ -117,7 +117,7 @@ function onFrame(frame) {
   if (!active || frame.id !== active.id) return; // a dismissed request's late frames
   switch (frame.type) {
     case "step":
-      showPreview(ghost(draftNodes(frame)));
+      showPreview(ghost(draftNodes(frame), frame.step));
       setStatus(`${active.kind} ${frame.id}: step ${frame.step}/${frame.total} · ${frame.ms.toFixed(1)} ms`);
       break;
     case "done": {
@@ -174,10 +174,11 @@ function tokenSpans(tokens, limit) {
   return spans;
 }
 
-function ghost(children) {
+function ghost(children, step) {
   const span = document.createElement("span");
   span.id = "ghost";
   span.className = "ghost";
+  if (step !== undefined) span.dataset.step = String(step);
   span.append(...children);
   return span;
 }

@@ -220,7 +220,9 @@ class Client:
 
     def _cancel(self, request_id: str) -> None:
         task = self.inflight.get(request_id)
-        if task is None:
+        # A task that is done has sent its final frame; its done callback just has not run yet. A
+        # cancel now must get unknown_id, not silence (cancelling a done task does nothing).
+        if task is None or task.done():
             raise ProtocolError(protocol.UNKNOWN_ID, f"no request {request_id!r} is running on this connection "
                                                      "(never sent, or already finished)", request_id)
         if request_id not in self._cancel_requested:
@@ -252,6 +254,7 @@ class Client:
                             self.outbox.put_step(rid, frame)
                         else:
                             self._put_final(frame)
+                            break  # no await after the final frame: a cancel cannot add a second one
         except TimeoutError:
             self.outbox.drop_steps(rid)
             self._put_final(protocol.error_frame(

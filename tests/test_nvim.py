@@ -19,8 +19,8 @@ from editor_tools import REPO, editor_tools, lsp_command, server_env
 PLUGIN = REPO / "editors" / "nvim"
 SCRIPT = PLUGIN / "tests" / "e2e.lua"
 
-SOURCE = 'def add(a, b):\n    return \n\n\nprint(add(1, 2))\n'
-CURSOR_ROW = 2  # 1-based: the cursor goes to the end of "    return "
+SOURCE = 'import math\n\n\ndef area(radius):\n    """Area of a circle."""\n    return \n\n\nprint(area(2.0))\n'
+CURSOR_ROW = 6  # 1-based: the cursor goes to the end of "    return "
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ SCENARIOS = {
     "cancel_on_type": {},
     "stale_answer": {},
     "auto_trigger": {"auto_trigger": True, "debounce_ms": 50},
-    "rewrite": {"source": REWRITE_SOURCE},
+    "rewrite": {"source": REWRITE_SOURCE, "row": 2},
 }
 
 
@@ -144,7 +144,7 @@ def test_answer_for_an_older_version_is_dropped(session):
 @pytest.mark.timeout(600)
 def test_auto_trigger_shows_a_suggestion_for_the_current_text(session):
     obs = scenario(session, "auto_trigger")
-    assert "return ab\n" in obs["buffer"]
+    assert "return a \n" in obs["buffer"]
     assert obs["ghost"]
     assert obs["shown_version"] == obs["version_now"]
 

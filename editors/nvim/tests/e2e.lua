@@ -128,6 +128,19 @@ local function server_stats(client)
   return answer
 end
 
+--- Wait for the suggestion of the request just triggered; fail at once, with the reason, when
+--- the server answered but had nothing to suggest (the model's infill was empty).
+local function wait_for_suggestion(bufnr, what)
+  wait_for(what .. " (request sent)", 10000, function()
+    return inline.pending(bufnr) or inline.current(bufnr)
+  end)
+  wait_for(what, 180000, function()
+    return inline.current(bufnr) or not inline.pending(bufnr)
+  end)
+  return inline.current(bufnr)
+    or error(what .. ": the server answered with no suggestion (the model's infill was empty)", 2)
+end
+
 local scenarios = {}
 
 -- Trigger, see the server's text as ghost text, accept it with <Tab>.
@@ -137,9 +150,7 @@ function scenarios.accept()
   note("before", before)
   note("version_before", util.version(bufnr))
   type_keys("<M-\\>")
-  local shown = wait_for("a suggestion", 120000, function()
-    return inline.current(bufnr)
-  end)
+  local shown = wait_for_suggestion(bufnr, "a suggestion")
   note("ghost", dg.ghost_text(bufnr))
   note("shown_text", shown.text)
   -- Extmarks show control characters the way Neovim prints them (^\ for \x1c): compare like that.
@@ -198,9 +209,7 @@ function scenarios.cancel_on_type()
   note("visible_after_request_ended", dg.visible(bufnr))
   -- <C-]> dismisses a visible suggestion: trigger again, wait, dismiss.
   type_keys("<M-\\>")
-  wait_for("a second suggestion", 120000, function()
-    return inline.current(bufnr)
-  end)
+  wait_for_suggestion(bufnr, "a second suggestion")
   note("ghost_before_dismiss", dg.ghost_text(bufnr))
   type_keys("<C-]>")
   wait_for("the dismissal", 5000, function()
@@ -248,10 +257,8 @@ function scenarios.auto_trigger()
   local bufnr = open_at_end_of(spec.row)
   type_keys("a")
   sleep(30)
-  type_keys("b")
-  local shown = wait_for("an automatic suggestion", 120000, function()
-    return inline.current(bufnr)
-  end)
+  type_keys(" ")
+  local shown = wait_for_suggestion(bufnr, "an automatic suggestion")
   note("shown_version", shown.version)
   note("version_now", util.version(bufnr))
   note("ghost", dg.ghost_text(bufnr))

@@ -14,8 +14,9 @@ local M = {}
 local TRIGGER_INVOKED, TRIGGER_AUTOMATIC = 1, 2
 local REQUEST_CANCELLED, CONTENT_MODIFIED = -32800, -32801
 
---- Per-buffer state: the debounce timer, the request in flight, the suggestion on screen.
---- @type table<integer, { timer?: uv.uv_timer_t, request?: table, shown?: table }>
+--- Per-buffer state: the debounce timer (and whether it is due to fire), the request in flight,
+--- the suggestion on screen.
+--- @type table<integer, { timer?: uv.uv_timer_t, waiting?: boolean, request?: table, shown?: table }>
 local bufs = {}
 
 local function state(bufnr)
@@ -41,6 +42,7 @@ function M.cancel(bufnr)
   if s.timer then
     s.timer:stop()
   end
+  s.waiting = false
   local request = s.request
   s.request = nil
   if request and not request.client:is_stopped() then
@@ -58,6 +60,12 @@ end
 --- Whether a suggestion is on screen in `bufnr`.
 function M.visible(bufnr)
   return state(bufnr).shown ~= nil
+end
+
+--- Whether a request (or its debounce timer) is in flight for `bufnr`.
+function M.pending(bufnr)
+  local s = state(bufnr)
+  return s.request ~= nil or s.waiting == true
 end
 
 --- The suggestion on screen: { item, client, version, row, col, text } or nil (for tests and statusline).
@@ -151,10 +159,15 @@ function M.schedule(bufnr)
   M.dismiss(bufnr)
   local s = state(bufnr)
   s.timer = s.timer or vim.uv.new_timer()
+  s.waiting = true -- until the timer's callback has sent the request (or found nothing to do)
   s.timer:start(
     config.debounce_ms or M.server_debounce_ms or FALLBACK_DEBOUNCE_MS,
     0,
     vim.schedule_wrap(function()
+      if not s.waiting then
+        return -- cancelled meanwhile
+      end
+      s.waiting = false
       if vim.api.nvim_buf_is_valid(bufnr) and vim.fn.mode():sub(1, 1) == "i" then
         M.request(bufnr, false)
       end

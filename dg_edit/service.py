@@ -325,10 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import UsageError, load_engine, settings_from_args
 
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    settings = settings_from_args(args)  # a bad --config FILE is a UsageError already
     host = args.host if args.host is not None else settings.host
     port = args.port if args.port is not None else settings.port
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)

@@ -92,10 +92,11 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
     if len(texts) < count and tried < 2 * count:
         engine = await ls.host.get()
         settings = ls.settings
-        for seed in range(tried, 2 * count):
+        start = tried
+        for seed in range(start, 2 * count):
             if len(texts) >= count:
                 break
-            first = seed == tried
+            first = seed == start
             done = await run_events(
                 ls,
                 lambda seed=seed: engine.stream(cursor.prefix, cursor.suffix, max_new_tokens=settings.max_new_tokens,

@@ -132,6 +132,8 @@ class _AnsweredErrors(logging.Filter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dg-edit lsp", description="dg-edit language server (stdio by default)")
     parser.add_argument("--tcp", metavar="HOST:PORT", default=None, help="serve one client over TCP instead")
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve over stdin/stdout (the default; accepted because many clients append it)")
     parser.add_argument("--log-file", default=None, help="append logs here instead of stderr")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     add_model_arguments(parser)

@@ -47,6 +47,7 @@ class ServeProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.host = self.port = None
+        self._terminated = False
         self._log = tempfile.NamedTemporaryFile(prefix="dg-edit-serve-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
 
@@ -83,8 +84,13 @@ class ServeProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def terminate(self) -> None:
-        """Ask for a clean shutdown (SIGTERM) without waiting; `stop()` waits."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Ask for a clean shutdown (SIGTERM) without waiting; `stop()` waits.
+
+        Only once: a second SIGTERM during the interpreter's teardown, after the service restored the
+        default handler, would kill the process instead of letting it finish cleanly.
+        """
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 30.0) -> int | None:

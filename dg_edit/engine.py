@@ -517,7 +517,10 @@ class Engine:
             clamp_mask = layout.clamped[r]
             head = token_logp[r][clamp_mask].mean() if bool(clamp_mask.any()) else torch.tensor(0.0)
             scores.append(float(mid + head))
-        best = max(range(b), key=lambda r: scores[r])
+        # A mean log-probability favours the shortest middles, and an immediate EOS is the most
+        # confident of all: prefer candidates that propose something, when any does.
+        nonempty = [r for r in range(b) if middle_end(rows[r][: layout.slot_lengths[r]], stop_ids)[0] > 0]
+        best = max(nonempty or range(b), key=lambda r: scores[r])
         return best, scores
 
     def _rewrite_start(self, batch_cache, layout: Layout, request: _Request, mask_mapping) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import statistics
 import sys
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port = args.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
         asyncio.run(bench(args.url, host, int(port), args))
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the service below on the way out
     with ServeProcess(["--model", args.model] if args.model else []) as server:
         print(f"dg-edit serve at {server.url}")
         asyncio.run(bench(server.ws_url, server.host, server.port, args))

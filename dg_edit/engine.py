@@ -43,6 +43,7 @@ from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
 _MAX_SESSIONS = 8
+MAX_NEW_TOKENS = 8192  # a request for more is a mistake (or an attack), not a long edit
 
 
 def default_model_dir() -> Path:
@@ -264,10 +265,12 @@ class Engine:
             max_new_tokens = self.settings.max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if max_new_tokens > MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be at most {MAX_NEW_TOKENS}, got {max_new_tokens}")
         generator = None
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise ValueError(f"seed must be an integer, got {seed!r}")
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         return max_new_tokens, cfg, generator
 

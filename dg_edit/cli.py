@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from dg_edit.errors import UsageError
+
 # subcommand -> (module, help); each module has `main(argv) -> int`
 FRONT_ENDS = {
     "lsp": ("dg_edit.lsp.server", "language server (stdio, or --tcp HOST:PORT)"),
@@ -23,8 +25,6 @@ FRONT_ENDS = {
 }
 
 
-class UsageError(Exception):
-    """A user mistake: reported on stderr with exit code 2."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

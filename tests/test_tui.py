@@ -430,7 +430,7 @@ async def test_save_is_atomic_keeps_the_mode_and_never_writes_a_proposal(source_
         assert not app.dirty and "saved" in app.status.message
         assert sorted(os.listdir(source_file.parent)) == ["example.py"]  # no temporary file left behind
         # save while a proposal is pending: only the user's text goes to disk
-        await infill_at(pilot, app, (9, 4))
+        await infill_at(pilot, app, (9, 4))  # main's body, one line down after '# hi'
         assert editor.text != editor.committed_text()
         await pilot.press("ctrl+s")
         await pilot.pause()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dg_edit.tui.app import DgEditApp
 
-SOURCE = 'import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef main():\n    print(add(1, 2))\n'
+SOURCE = 'import os\n\n\ndef add(a, b):\n    return a + b\n\n\ndef main():\n    \n'  # main's body is the hole to infill
 SIZE = (110, 32)
 
 

@@ -142,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    settings = settings_from_args(args)  # a bad --config FILE is a UsageError already
     # Only the cheap check here (dg_edit.engine imports torch, which would delay `initialize` by
     # seconds); the full check runs when the model loads and is reported to the editor.
     if settings.model and not Path(settings.model).expanduser().is_dir():

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -236,8 +236,7 @@ class Engine:
         if strength == 0.0 or not sel_ids:
             return iter([Done(text=selection, ids=tuple(sel_ids), steps=0, tokens_per_forward=0.0, ms=0.0,
                               length=len(sel_ids))])
-        context = prefix
-        request = self._request_from_text(context, suffix, rewrite_bound(len(sel_ids)), seed, session, False,
+        request = self._request_from_text(prefix, suffix, rewrite_bound(len(sel_ids)), seed, session, False,
                                           sampling, instruction=instruction)
         request.init_middle = sel_ids
         request.strength = float(strength)
@@ -344,7 +343,6 @@ class Engine:
     def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
         t0 = time.perf_counter()
         model = self.model
-        cfg = request.cfg
         stop_ids = set(self.eos_ids)  # as the reference: EOS ends the output, pad only follows it
         # 1.a Encode the prefix (reusing this document's cache).
         with self._lock, torch.inference_mode():

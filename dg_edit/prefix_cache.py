@@ -70,7 +70,6 @@ def encode_prefix(
     keep for the next request, and how many tokens went through the encoder this time.
     """
     text_config = model.config.get_text_config(decoder=True)
-    device = model.device
     if entry is not None and entry.ids == list(prefix_ids):
         # Identical prefix: nothing to encode.
         return cache_from_states(text_config, entry.keys, entry.values, len(prefix_ids)), entry, 0

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from . import corpus as corpus_mod
-from .arch import build_model, count_parameters, make_config
+from .arch import build_model, count_parameters
 from .data import Batch, Corpus, make_batch, noise_canvas
-from .tokenizer import MASK_ID, PAD_ID
+from .tokenizer import MASK_ID
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 

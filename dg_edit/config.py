@@ -118,6 +118,7 @@ class Settings:
     |---|---|---|
     | model | "" | local model directory; "" = the embedded default model |
     | max_new_tokens | 48 | longest middle an inline completion may produce |
+    | single_line_tokens | 32 | budget when the cursor's line already has text (99% of stdlib and HumanEval lines fit) |
     | candidates | 3 | items for an explicitly invoked inline completion |
     | languages | ("*",) | languageIds served by the LSP; "*" = all |
     | max_prefix_tokens | 2048 | prefix window, cut on the left |
@@ -134,6 +135,7 @@ class Settings:
 
     model: str = ""
     max_new_tokens: int = 48
+    single_line_tokens: int = 32
     candidates: int = 3
     languages: tuple = ("*",)
     max_prefix_tokens: int = 2048
@@ -149,7 +151,7 @@ class Settings:
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
+        for name in ("max_new_tokens", "single_line_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
                      "max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -314,6 +314,9 @@ class Engine:
         if single_line is None:
             current_line = prefix.rsplit("\n", 1)[-1]
             single_line = bool(current_line.strip())
+        if single_line:
+            # The answer is cut at the first newline anyway: a smaller canvas is the same answer, sooner.
+            max_new_tokens = min(max_new_tokens, self.settings.single_line_tokens)
         return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line)
 
     def _window_prefix(self, ids: list[int]) -> list[int]:

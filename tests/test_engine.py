@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from dg_edit import Done, Engine, SamplingConfig, Step
+from dg_edit.canvas import candidate_lengths
+from dg_edit.config import Settings
 from dg_edit.testing import tiny_model, tiny_pair
 
 
@@ -144,6 +146,18 @@ def test_single_line_stops_at_end_of_line():
     for seed in range(4):
         r = engine.infill("x = compute(", "\ny = 2\n", max_new_tokens=32, seed=seed)
         assert "\n" not in r.text
+
+
+def test_single_line_budget_bounds_the_canvas_but_not_multi_line_requests():
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    engine = Engine(model, tok, settings=Settings(single_line_tokens=16))
+    for seed in range(3):
+        line = engine.infill("x = compute(", "\ny = 2\n", max_new_tokens=48, seed=seed)
+        assert line.length <= 16 and len(line.ids) <= 16
+        assert len(line.scores) == len(candidate_lengths(16))  # one row per candidate length
+    # an empty current line asks for a block: every candidate length up to max_new_tokens is tried
+    block = engine.infill("x = 1\n", "\ny = 2\n", max_new_tokens=48, seed=0)
+    assert len(block.scores) == len(candidate_lengths(48)) and block.length in candidate_lengths(48)
 
 
 def test_prefix_cache_identical_results_and_reencodes_only_the_tail():

@@ -115,3 +115,31 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServeGroup(dict):
+    """Several `ServeProcess`es by name, started side by side (their model loads overlap) and stopped
+    together; after the `with` block `codes` holds each exit code.
+
+        with ServeGroup(plain=ServeProcess(...), auth=ServeProcess(...)) as servers:
+            ...
+        assert servers.codes == {"plain": 0, "auth": 0}
+    """
+
+    codes: dict[str, int | None]
+
+    def __enter__(self) -> "ServeGroup":
+        for proc in self.values():
+            proc.start()
+        try:
+            for proc in self.values():
+                proc.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.values():  # all shut down at once, then wait for each
+            proc.terminate()
+        self.codes = {name: proc.stop() for name, proc in self.items()}

@@ -28,7 +28,7 @@ from pygls.lsp.client import LanguageClient
 from websockets.asyncio.client import connect
 
 from dg_edit import faults
-from dg_edit.serve_process import ServeProcess
+from dg_edit.serve_process import ServeGroup, ServeProcess
 
 pytestmark = pytest.mark.timeout(300)
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -71,20 +71,12 @@ def faulty_services(model_dir, tmp_path_factory):
     config = tmp_path_factory.mktemp("faults") / "slow.json"
     config.write_text(json.dumps({"request_timeout_s": 2}))
     model = ["--model", str(model_dir)]
-    procs = {
+    with ServeGroup({
         "raise": ServeProcess(model, env={faults.FAULT_ENV: "raise:2"}),
         "nan": ServeProcess(model, env={faults.FAULT_ENV: "nan:2"}),
         "slow": ServeProcess([*model, "--config", str(config)], env={faults.FAULT_ENV: "slow:1.5"}),
-    }
-    for proc in procs.values():
-        proc.start()
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
+    }) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 async def collect(ws, ids, timeout: float = 120) -> dict[str, list[dict]]:

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from importlib import resources
@@ -25,7 +24,7 @@ from websockets.frames import Opcode
 from websockets.uri import parse_uri
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from dg_edit.serve_process import ServeProcess, dg_edit_command
+from dg_edit.serve_process import ServeGroup, ServeProcess, dg_edit_command
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -69,25 +68,16 @@ def servers(model_dir, steady_config, tmp_path_factory):
     limits = tmp_path_factory.mktemp("serve") / "limits.json"
     limits.write_text(json.dumps({**STEADY, "request_timeout_s": 0.05}))
     model = ["--model", str(model_dir)]
-    procs = {
-        "plain": ServeProcess([*model, "--config", str(steady_config)]),
-        "auth": ServeProcess([*model, "--config", str(steady_config), "--token", TOKEN,
-                              "--allow-origin", ALLOWED]),
-        "limits": ServeProcess([*model, "--config", str(limits)]),
-    }
-    for proc in procs.values():
-        proc.start()
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        codes = {name: proc.stop() for name, proc in procs.items()}
+    group = ServeGroup(
+        plain=ServeProcess([*model, "--config", str(steady_config)]),
+        auth=ServeProcess([*model, "--config", str(steady_config), "--token", TOKEN, "--allow-origin", ALLOWED]),
+        limits=ServeProcess([*model, "--config", str(limits)]),
+    )
+    with group:
+        yield group
     # SIGTERM is a clean shutdown, even with connections and requests having come and gone.
-    assert codes == {name: 0 for name in procs}, {name: procs[name].log()[-2000:] for name in procs}
-    assert all("dg-edit serve: stopped" in proc.log() for proc in procs.values())
+    assert group.codes == {name: 0 for name in group}, {name: group[name].log()[-2000:] for name in group}
+    assert all("dg-edit serve: stopped" in proc.log() for proc in group.values())
 
 
 @pytest.fixture(scope="module")

@@ -468,6 +468,9 @@ class Engine:
                 new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
                 # 1.c.iii Accept by entropy bound, renoise the rest.
                 entropy = sampler.token_entropy(processed_logits)  # [B, L], also used by 1.c.iv
+                if cfg.noise == "mask":  # absorbing noise: unmasked tokens are final
+                    denoiser_canvas, new_argmax_canvas, entropy = sampler.carry_over_unmasked(
+                        current_canvas, denoiser_canvas, new_argmax_canvas, entropy, cfg.mask_token_id)
                 accepted_canvas, accepted = sampler.entropy_bound_accept(
                     current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)

@@ -2,10 +2,11 @@
 
 Mirrors `transformers/models/diffusion_gemma/generation_diffusion_gemma.py` step 1.c (ii–iv) with the
 same random calls in the same order, so that an unclamped single-row canvas reproduces
-`model.generate` token for token. Two additions for editing, both no-ops when unused:
+`model.generate` token for token. Additions for editing, all no-ops when unused:
 - `clamped` positions (the suffix head) are never accepted from the denoiser, never renoised and
   never count towards the entropy budget;
-- `valid` is False at batch padding (candidate canvases of different lengths share one batch).
+- `valid` is False at batch padding (candidate canvases of different lengths share one batch);
+- with absorbing noise (`noise="mask"`), unmasked tokens are carried over (`carry_over_unmasked`).
 
 Vocabulary: `current_canvas` is what the decoder reads this step; `denoiser_canvas` is sampled from
 its logits; `accepted` marks positions taken from the denoiser; `argmax_canvas` is the draft shown to
@@ -77,6 +78,29 @@ def sample_denoiser_canvas(
                 raise NonFiniteLogits() from None
             raise
     return drawn.squeeze(-1).view(batch_size, length)
+
+
+def carry_over_unmasked(
+    current_canvas: torch.Tensor,  # [B, L]
+    denoiser_canvas: torch.Tensor,  # [B, L]
+    argmax_canvas: torch.Tensor,  # [B, L]
+    entropy: torch.Tensor,  # [B, L]
+    mask_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Absorbing (`noise="mask"`) sampling: a position already unmasked keeps its token.
+
+    A masked-noise model is trained to predict `<mask>` positions only; what it outputs at a visible
+    position was never trained and is noise. So visible tokens are carried over into the denoiser and
+    argmax canvases with zero entropy (always accepted, free in the entropy budget), and each step
+    unmasks more positions, as in MDLM. Uniform noise (the reference) never calls this: there every
+    position may change at every step.  Returns `(denoiser_canvas, argmax_canvas, entropy)`, [B, L] each.
+    """
+    visible = current_canvas != mask_token_id
+    return (
+        torch.where(visible, current_canvas, denoiser_canvas),
+        torch.where(visible, current_canvas, argmax_canvas),
+        entropy.masked_fill(visible, 0.0),
+    )
 
 
 def entropy_bound_accept(

@@ -212,6 +212,20 @@ def test_mask_noise_option():
     assert isinstance(events[-1], Done)
 
 
+def test_mask_noise_never_changes_an_unmasked_token():
+    # Absorbing noise: the model is trained on <mask> positions only, so a token, once unmasked, is final.
+    model, tok = tiny_pair(seed=10, canvas_length=32)
+    engine = Engine(model, tok, sampling=SamplingConfig(noise="mask", mask_token_id=3))
+    for seed in range(3):
+        events = list(engine.stream("def f():\n", "", max_new_tokens=32, seed=seed, max_denoising_steps=8,
+                                    entropy_bound=2.0))
+        steps = [e for e in events if isinstance(e, Step)]
+        assert len(steps) >= 3
+        for before, after in zip(steps, steps[1:]):
+            visible = [i for i, t in enumerate(before.canvas) if t != 3]
+            assert visible and all(after.canvas[i] == before.canvas[i] for i in visible)
+
+
 @pytest.mark.parametrize(
     "call,message",
     [

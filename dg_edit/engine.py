@@ -449,6 +449,9 @@ class Engine:
         forward_passes = torch.zeros(b, dtype=torch.long, device=device)
         history = None
         embeddings_dtype = model.model.decoder.embed_tokens.weight.dtype
+        # Absorbing noise: token log-probabilities recorded as positions are unmasked (for the row choice).
+        absorbing = cfg.noise == "mask"
+        token_logp = torch.zeros((b, width), dtype=torch.float32, device=device) if absorbing else None
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
             forward_passes += ~finished
@@ -468,12 +471,16 @@ class Engine:
                 new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
                 # 1.c.iii Accept by entropy bound, renoise the rest.
                 entropy = sampler.token_entropy(processed_logits)  # [B, L], also used by 1.c.iv
-                if cfg.noise == "mask":  # absorbing noise: unmasked tokens are final
+                if absorbing:  # unmasked tokens are final
+                    was_masked = current_canvas == cfg.mask_token_id
                     denoiser_canvas, new_argmax_canvas, entropy = sampler.carry_over_unmasked(
                         current_canvas, denoiser_canvas, new_argmax_canvas, entropy, cfg.mask_token_id)
                 accepted_canvas, accepted = sampler.entropy_bound_accept(
                     current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
+                if absorbing:
+                    new_token_logp = sampler.commit_logp(token_logp, processed_logits, was_masked, accepted,
+                                                         denoiser_canvas, new_argmax_canvas)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
                 # 1.c.iv Stopping per row; finished rows keep their last state. NaN/inf logits make NaN
@@ -486,6 +493,8 @@ class Engine:
                     new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
                     processed_logits = torch.where(finished[:, None, None], self_conditioning_logits,
                                                    processed_logits)
+                    if absorbing:
+                        new_token_logp = torch.where(finished[:, None], token_logp, new_token_logp)
                 # (Rows that stopped earlier keep stale logits; their entropy no longer matters.)
                 stop, history = sampler.stable_and_confident(
                     history, new_argmax_canvas, entropy, cfg, layout.candidates if fixed else None)
@@ -493,27 +502,40 @@ class Engine:
                 # 1.c.v Self-conditioning for the next step.
                 self_conditioning_logits = processed_logits.to(embeddings_dtype)
                 current_canvas, argmax_canvas = new_current_canvas, new_argmax_canvas
+                if absorbing:
+                    token_logp = new_token_logp
             if with_steps:
                 step_no = step_offset + int(forward_passes.max())
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
-                                       middle_so_far, step_no, step_offset + steps_remaining_start, t0, request)
+                                       middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
+                                       token_logp)
             if torch.all(finished):
                 break
         # 1.d Choose the row.
-        row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids)
+        row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids, token_logp)
         row_ids = argmax_canvas[row, : layout.slot_lengths[row]].tolist()
         end, ended = middle_end(row_ids, stop_ids)
         return _BlockResult(ids=row_ids[:end], ended=ended, steps=int(forward_passes[row]), row=row,
                             scores=tuple(scores))
 
-    def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids) -> tuple[int, list[float]]:
-        """Score each candidate: mean log-probability of its middle (through EOS) and of the clamped suffix head."""
+    def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids,
+                    token_logp: torch.Tensor | None = None) -> tuple[int, list[float]]:
+        """Score each candidate: mean log-probability of its middle (through EOS) and of the clamped suffix head.
+
+        With absorbing noise (`token_logp` given) the model's output at visible positions, the clamped head
+        included, was never trained: a middle is scored by the log-probabilities its tokens had when they
+        were unmasked, and the head does not count.
+        """
         b = argmax_canvas.shape[0]
         if b == 1:
             return 0, [0.0]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
-        ids = torch.where(layout.clamped, layout.clamped_ids, argmax_canvas)
-        token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+        if token_logp is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
+            ids = torch.where(layout.clamped, layout.clamped_ids, argmax_canvas)
+            token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+            with_head = True
+        else:
+            with_head = False
         rows = argmax_canvas.tolist()
         scores = []
         for r in range(b):
@@ -522,7 +544,7 @@ class Engine:
             upto = min(m, end + 1)
             mid = token_logp[r, :upto].mean() if upto > 0 else torch.tensor(0.0)
             clamp_mask = layout.clamped[r]
-            head = token_logp[r][clamp_mask].mean() if bool(clamp_mask.any()) else torch.tensor(0.0)
+            head = token_logp[r][clamp_mask].mean() if with_head and bool(clamp_mask.any()) else torch.tensor(0.0)
             scores.append(float(mid + head))
         # A mean log-probability favours the shortest middles, and an immediate EOS is the most
         # confident of all: prefer candidates that propose something, when any does.
@@ -560,10 +582,10 @@ class Engine:
         return torch.where(renoise_mask, noise, canvas)
 
     def _step_event(self, layout: Layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids, middle_so_far,
-                    index: int, total: int, t0: float, request: _Request) -> Step:
+                    index: int, total: int, t0: float, request: _Request, token_logp=None) -> Step:
         """A `Step` for people: the best-looking row's draft, each token with its state and confidence."""
         if argmax_canvas.shape[0] > 1:
-            row, _ = self._choose_row(layout, argmax_canvas, processed_logits, stop_ids)
+            row, _ = self._choose_row(layout, argmax_canvas, processed_logits, stop_ids, token_logp)
         else:
             row = 0
         m = layout.slot_lengths[row]

@@ -103,6 +103,25 @@ def carry_over_unmasked(
     )
 
 
+def commit_logp(
+    token_logp: torch.Tensor,  # [B, L] float32: log-probability of each position's token when it was unmasked
+    processed_logits: torch.Tensor,  # [B, L, V]
+    was_masked: torch.Tensor,  # [B, L] bool: <mask> in the canvas the decoder read this step
+    accepted: torch.Tensor,  # [B, L] bool
+    denoiser_canvas: torch.Tensor,  # [B, L]
+    argmax_canvas: torch.Tensor,  # [B, L]
+) -> torch.Tensor:
+    """Absorbing noise: record, for every position still masked, the log-probability of the token it gets.
+
+    Accepted positions get their denoiser token's, the rest their argmax draft's (overwritten later
+    if they are still masked). Visible positions keep the value recorded when they were unmasked: the
+    model's output there is untrained, so candidate rows are compared on these figures instead.  [B, L]
+    """
+    token = torch.where(accepted, denoiser_canvas, argmax_canvas)
+    logp = processed_logits.float().log_softmax(dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    return torch.where(was_masked, logp, token_logp)
+
+
 def entropy_bound_accept(
     current_canvas: torch.Tensor,  # [B, L]
     denoiser_canvas: torch.Tensor,  # [B, L]

@@ -102,10 +102,10 @@ def run_program(source: str, timeout: float) -> bool:
             return False
 
 
-def load_engine(model_dir: str | None):
+def load_engine(model_dir: str | None, dtype: str | None = None):
     from dg_edit import Engine
 
-    return Engine.load(model_dir)
+    return Engine.load(model_dir, dtype=dtype)
 
 
 def edit_similarity(a: str, b: str) -> float:
@@ -134,7 +134,7 @@ def humaneval(args) -> int:
     problems = read_problems(args.data, args.split)[:: max(1, args.every)]
     if args.limit:
         problems = problems[: args.limit]
-    engine = load_engine(args.model)
+    engine = load_engine(args.model, args.dtype)
     single = args.split == "single-line"
     sampling = json.loads(args.sampling) if args.sampling else {}
     names = ("model",) + BASELINES
@@ -201,7 +201,7 @@ def exact(args) -> int:
     tasks = tasks[:: max(1, args.every)]
     if args.limit:
         tasks = tasks[: args.limit]
-    engine = load_engine(args.model)
+    engine = load_engine(args.model, args.dtype)
     sampling = json.loads(args.sampling) if args.sampling else {}
     names = ("model",) + BASELINES
     hits = {k: 0 for k in names}
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+        p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (faster on CPUs with bf16 units)")
         p.add_argument("--limit", type=int, default=0, help="only the first N tasks")
         p.add_argument("--every", type=int, default=1,
                        help="only every K-th task (an even sample across problems), before --limit")

@@ -45,10 +45,11 @@ new MutationObserver(() => {
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
     # With a token, as a user exposing the page would run it: the page must carry it to the websocket.
-    # Every block runs 8 steps (the model is never "confident enough" to stop early), so there is a
-    # refinement to watch with any model, however sure of itself.
+    # Every block runs 8 steps (never stable for 8 steps before the 9th, never "confident enough"), so
+    # there is a refinement to watch with any model, however sure of itself.
     config = tmp_path_factory.mktemp("browser") / "settings.json"
-    config.write_text(json.dumps({"sampling": {"max_denoising_steps": 8, "confidence_threshold": 1e-30}}))
+    steady = {"max_denoising_steps": 8, "confidence_threshold": 1e-30, "stability_threshold": 8}
+    config.write_text(json.dumps({"sampling": steady}))
     with ServeProcess(["--model", str(model_dir), "--config", str(config)], env={"DG_EDIT_TOKEN": TOKEN}) as proc:
         yield proc
 

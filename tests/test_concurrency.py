@@ -32,8 +32,8 @@ def service(model_dir, tmp_path_factory):
     # time limit is raised because 50 requests share one model: the last finishes after ~50x the work
     # of one, which is what this test is about, not the per-request limit.
     config = tmp_path_factory.mktemp("concurrency") / "settings.json"
-    config.write_text(json.dumps({"request_timeout_s": 600,
-                                  "sampling": {"max_denoising_steps": 8, "confidence_threshold": 1e-30}}))
+    steady = {"max_denoising_steps": 8, "confidence_threshold": 1e-30, "stability_threshold": 8}
+    config.write_text(json.dumps({"request_timeout_s": 600, "sampling": steady}))
     with ServeProcess(["--model", str(model_dir), "--config", str(config)]) as proc:
         yield proc
 

@@ -48,10 +48,12 @@ def server_frame_validator():
     return _SERVER_FRAME
 
 
-# Every block runs exactly 8 denoising steps: the model never looks "confident enough" to stop early
-# (documented sampling settings), so a request of two canvas blocks runs 16 steps with any model, and
-# cancel/busy/interleaving tests do not race a lucky early EOS, nor wait for 48-step blocks.
-STEADY = {"sampling": {"max_denoising_steps": 8, "confidence_threshold": 1e-30}}
+# Every block runs exactly 8 denoising steps: the argmax canvas can never have been stable for 8 steps
+# before the 9th, and the model never looks "confident enough" (a fully unmasked row under mask noise
+# has entropy exactly 0, so the confidence bound alone would let it stop). A request of two canvas
+# blocks runs 16 steps with any model, and cancel/busy/interleaving tests do not race a lucky early
+# stop, nor wait for 48-step blocks.
+STEADY = {"sampling": {"max_denoising_steps": 8, "confidence_threshold": 1e-30, "stability_threshold": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -396,9 +398,13 @@ async def test_a_slow_reader_gets_coalesced_drafts_and_does_not_stall_others(ser
     slow = await asyncio.to_thread(StalledClient, server.ws_url, server.port)
     started = asyncio.get_running_loop().time()
     ids = [f"s{i}" for i in range(4)]
+    # Rewrites of a long selection: every draft carries the whole selection (~40 KiB of step frames per
+    # request), far more than the socket buffers hold, whatever the model proposes. (Infill drafts can
+    # be a few tokens when the model ends the middle early.)
+    selection = "".join(f"    total = total + values[{i}] * weights[{i}]\n" for i in range(8))
     for i, rid in enumerate(ids):
-        prefix, suffix, seed = PROMPTS[i % len(PROMPTS)]
-        slow.send(infill(rid, prefix, suffix, seed=seed + i, max_new_tokens=budget))
+        slow.send(json.dumps({"type": "rewrite", "id": rid, "prefix": "def score(values, weights):\n    total = 0\n",
+                              "selection": selection, "suffix": "    return total\n", "seed": i}))
     async with connect(server.ws_url) as fast:
         await fast.send(infill("f1", "x = ", seed=1, max_new_tokens=budget))
         steps = [await recv(fast) for _ in range(2)]

@@ -470,7 +470,8 @@ class Engine:
                 denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator, draw)
                 new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
                 # 1.c.iii Accept by entropy bound, renoise the rest.
-                entropy = sampler.token_entropy(processed_logits)  # [B, L], also used by 1.c.iv
+                # [B, L] (also used by 1.c.iv), [B, L, V]
+                entropy, log_probs = sampler.token_entropy_and_log_probs(processed_logits)
                 if absorbing:  # unmasked tokens are final
                     was_masked = current_canvas == cfg.mask_token_id
                     denoiser_canvas, new_argmax_canvas, entropy = sampler.carry_over_unmasked(
@@ -479,7 +480,7 @@ class Engine:
                     current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
                 if absorbing:
-                    new_token_logp = sampler.commit_logp(token_logp, processed_logits, was_masked, accepted,
+                    new_token_logp = sampler.commit_logp(token_logp, log_probs, was_masked, accepted,
                                                          denoiser_canvas, new_argmax_canvas)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)

@@ -49,9 +49,14 @@ def temperature_scale(logits: torch.Tensor, steps_remaining: int, cfg: SamplingC
     return logits / temperature
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's categorical, computed exactly as the reference.  [B, L, V] -> [B, L]"""
-    return torch.distributions.Categorical(logits=logits, validate_args=False).entropy()
+def token_entropy_and_log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy of each position's categorical, computed exactly as the reference, and the normalized
+    log-probabilities the same computation makes on the way (absorbing noise records them).
+
+    [B, L, V] -> ([B, L], [B, L, V])
+    """
+    dist = torch.distributions.Categorical(logits=logits, validate_args=False)
+    return dist.entropy(), dist.logits
 
 
 def sample_denoiser_canvas(
@@ -105,7 +110,7 @@ def carry_over_unmasked(
 
 def commit_logp(
     token_logp: torch.Tensor,  # [B, L] float32: log-probability of each position's token when it was unmasked
-    processed_logits: torch.Tensor,  # [B, L, V]
+    log_probs: torch.Tensor,  # [B, L, V] normalized log-probabilities of this step's processed logits
     was_masked: torch.Tensor,  # [B, L] bool: <mask> in the canvas the decoder read this step
     accepted: torch.Tensor,  # [B, L] bool
     denoiser_canvas: torch.Tensor,  # [B, L]
@@ -118,7 +123,7 @@ def commit_logp(
     model's output there is untrained, so candidate rows are compared on these figures instead.  [B, L]
     """
     token = torch.where(accepted, denoiser_canvas, argmax_canvas)
-    logp = processed_logits.float().log_softmax(dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    logp = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).float()
     return torch.where(was_masked, logp, token_logp)
 
 

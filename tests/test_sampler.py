@@ -29,7 +29,7 @@ def test_commit_logp_records_masked_positions_only():
     accepted = torch.tensor([[True, True, True, False]])
     denoiser_canvas = torch.tensor([[1, 2, 3, 4]])
     argmax_canvas = torch.tensor([[5, 6, 7, 8]])
-    out = sampler.commit_logp(before, logits, was_masked, accepted, denoiser_canvas, argmax_canvas)
+    out = sampler.commit_logp(before, logp, was_masked, accepted, denoiser_canvas, argmax_canvas)
     # visible positions keep what was recorded when they were unmasked
     assert out[0, :2].tolist() == [-0.5, -0.25]
     # accepted this step: the denoiser's token; still masked: the argmax draft's

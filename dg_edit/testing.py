@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
@@ -70,3 +72,17 @@ def save_tiny_model_dir(path, seed: int = 0, max_denoising_steps: int = 8, **kwa
     tokenizer.save_pretrained(str(path))
     (Path(path) / "dg_edit.json").write_text(json.dumps({"max_denoising_steps": max_denoising_steps}))
     return Path(path)
+
+
+async def stop_language_client(client, timeout: float) -> None:
+    """Shut down a pygls `LanguageClient` started with `start_io` as an editor does (shutdown, exit,
+    wait for the server process), killing the process if it does not go within `timeout` per stage."""
+    proc = client._server
+    try:
+        await asyncio.wait_for(client.shutdown_async(None), timeout)
+        client.exit(None)
+        await asyncio.wait_for(proc.wait(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await client.stop()

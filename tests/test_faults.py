@@ -29,6 +29,7 @@ from websockets.asyncio.client import connect
 
 from dg_edit import faults
 from dg_edit.serve_process import ServeGroup, ServeProcess
+from dg_edit.testing import stop_language_client
 
 pytestmark = pytest.mark.timeout(300)
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -189,15 +190,7 @@ class Lsp:
             120)
 
     async def stop(self):
-        proc = self.client._server
-        try:
-            await asyncio.wait_for(self.client.shutdown_async(None), 10)
-            self.client.exit(None)
-            await asyncio.wait_for(proc.wait(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await self.client.stop()
+        await stop_language_client(self.client, 20)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

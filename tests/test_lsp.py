@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -20,6 +19,8 @@ import pytest_asyncio
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
+
+from dg_edit.testing import stop_language_client
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
@@ -89,15 +90,7 @@ class Harness:
         return result
 
     async def stop(self) -> None:
-        proc = self.client._server
-        try:
-            await asyncio.wait_for(self.client.shutdown_async(None), 60)
-            self.client.exit(None)
-            await asyncio.wait_for(proc.wait(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await self.client.stop()
+        await stop_language_client(self.client, 60)
 
     # ------------------------------------------------------------------ documents
     def open(self, text: str, language: str = "python", name: str | None = None) -> str:

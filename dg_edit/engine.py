@@ -400,13 +400,16 @@ class Engine:
                 cur_len += len(take)
         text_ids = middle
         text = ""
+        # Tokens per forward counts the answer and the token that ended it (EOS), not canvas slots the
+        # answer drops.
+        n_tokens = len(middle) + (1 if ended and len(middle) < request.max_new_tokens else 0)
         if self.tokenizer is not None:
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             if request.single_line and "\n" in text:
                 text = text.split("\n", 1)[0]
                 text_ids = self.tokenizer.encode(text, add_special_tokens=False)
+                n_tokens = len(text_ids) + 1  # the line, then the newline that ends it
         ms = (time.perf_counter() - t0) * 1000.0
-        n_tokens = len(middle) + (1 if ended and len(middle) < request.max_new_tokens else 0)
         yield Done(text=text, ids=tuple(text_ids), steps=steps_total,
                    tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
                    scores=scores)

@@ -143,9 +143,15 @@ def test_stream_stops_when_consumer_stops():
 def test_single_line_stops_at_end_of_line():
     model, tok = tiny_pair(seed=6, canvas_length=64)
     engine = Engine(model, tok)
+    cut = 0
     for seed in range(4):
         r = engine.infill("x = compute(", "\ny = 2\n", max_new_tokens=32, seed=seed)
         assert "\n" not in r.text
+        raw = engine.infill("x = compute(", "\ny = 2\n", max_new_tokens=32, seed=seed, single_line=False)
+        if "\n" in raw.text:  # the line was cut: tokens per forward counts the line and its newline only
+            cut += 1
+            assert r.tokens_per_forward * r.steps == pytest.approx(len(r.ids) + 1)
+    assert cut  # the random model runs past the line end for some seed, so the count above was checked
 
 
 def test_single_line_budget_bounds_the_canvas_but_not_multi_line_requests():

@@ -470,21 +470,21 @@ class Engine:
                 raw_logits = out.logits  # [B, L, V]
                 # 1.c.ii Temperature, denoiser sample, argmax draft.
                 processed_logits = sampler.temperature_scale(raw_logits, steps_remaining, cfg)
-                denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator, draw)
-                new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
+                if absorbing:  # only masked positions are sampled; unmasked tokens are final (entropy 0)
+                    was_masked = current_canvas == cfg.mask_token_id  # [B, L]
+                    need = was_masked if candidates is None else was_masked & candidates
+                    denoiser_canvas, new_argmax_canvas, entropy, denoiser_logp, argmax_logp = (
+                        sampler.denoise_masked_positions(processed_logits, current_canvas, need, generator, draw))
+                else:
+                    denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator, draw)
+                    new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
+                    entropy, _ = sampler.token_entropy_and_log_probs(processed_logits)  # [B, L] (also 1.c.iv)
                 # 1.c.iii Accept by entropy bound, renoise the rest.
-                # [B, L] (also used by 1.c.iv), [B, L, V]
-                entropy, log_probs = sampler.token_entropy_and_log_probs(processed_logits)
-                if absorbing:  # unmasked tokens are final
-                    was_masked = current_canvas == cfg.mask_token_id
-                    denoiser_canvas, new_argmax_canvas, entropy = sampler.carry_over_unmasked(
-                        current_canvas, denoiser_canvas, new_argmax_canvas, entropy, cfg.mask_token_id)
                 accepted_canvas, accepted = sampler.entropy_bound_accept(
                     current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
                 if absorbing:
-                    new_token_logp = sampler.commit_logp(token_logp, log_probs, was_masked, accepted,
-                                                         denoiser_canvas, new_argmax_canvas)
+                    new_token_logp = sampler.commit_logp(token_logp, was_masked, accepted, denoiser_logp, argmax_logp)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
                 # 1.c.iv Stopping per row; finished rows keep their last state. NaN/inf logits make NaN
@@ -595,8 +595,10 @@ class Engine:
         m = layout.slot_lengths[row]
         row_ids = argmax_canvas[row, :m].tolist()
         end, _ = middle_end(row_ids, stop_ids)
-        logits = processed_logits[row, :end].float()
-        confidence = torch.softmax(logits, dim=-1).max(dim=-1).values.tolist() if end else []
+        if token_logp is not None:  # absorbing noise: each token's probability when it was unmasked
+            confidence = token_logp[row, :end].exp().tolist()
+        else:
+            confidence = torch.softmax(processed_logits[row, :end].float(), dim=-1).max(dim=-1).values.tolist()
         acc = accepted[row, :end].tolist()
         tokens: tuple[Token, ...] = ()
         text = ""

@@ -6,7 +6,8 @@ same random calls in the same order, so that an unclamped single-row canvas repr
 - `clamped` positions (the suffix head) are never accepted from the denoiser, never renoised and
   never count towards the entropy budget;
 - `valid` is False at batch padding (candidate canvases of different lengths share one batch);
-- with absorbing noise (`noise="mask"`), unmasked tokens are carried over (`carry_over_unmasked`).
+- with absorbing noise (`noise="mask"`), unmasked tokens are carried over and only masked positions
+  are sampled (`denoise_masked_positions`).
 
 Vocabulary: `current_canvas` is what the decoder reads this step; `denoiser_canvas` is sampled from
 its logits; `accepted` marks positions taken from the denoiser; `argmax_canvas` is the draft shown to
@@ -69,8 +70,19 @@ def sample_denoiser_canvas(
     """
     batch_size, length, vocab_size = processed_logits.shape
     probs = torch.softmax(processed_logits, dim=-1, dtype=torch.float32).view(-1, vocab_size)
+    return draw_tokens(probs, generator, draw, processed_logits).view(batch_size, length)
+
+
+def draw_tokens(
+    probs: torch.Tensor,  # [N, V] float32, rows sum to 1
+    generator: torch.Generator | None,
+    draw: str,
+    logits: torch.Tensor,  # the logits `probs` came from (only read to name a failure)
+) -> torch.Tensor:
+    """One token per row of `probs`.  [N, V] -> [N]"""
+    vocab_size = probs.shape[-1]
     if draw == "inverse_cdf":
-        cdf = probs.cumsum(dim=-1)  # [B*L, V]
+        cdf = probs.cumsum(dim=-1)  # [N, V]
         u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u).clamp_(max=vocab_size - 1)
     else:
@@ -79,42 +91,53 @@ def sample_denoiser_canvas(
         except RuntimeError:
             # torch checks the probabilities anyway; only when that fails do we pay for a finiteness check,
             # to turn its message into one that names the cause.
-            if not bool(torch.isfinite(processed_logits).all()):
+            if not bool(torch.isfinite(logits).all()):
                 raise NonFiniteLogits() from None
             raise
-    return drawn.squeeze(-1).view(batch_size, length)
+    return drawn.squeeze(-1)
 
 
-def carry_over_unmasked(
+def denoise_masked_positions(
+    processed_logits: torch.Tensor,  # [B, L, V]
     current_canvas: torch.Tensor,  # [B, L]
-    denoiser_canvas: torch.Tensor,  # [B, L]
-    argmax_canvas: torch.Tensor,  # [B, L]
-    entropy: torch.Tensor,  # [B, L]
-    mask_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Absorbing (`noise="mask"`) sampling: a position already unmasked keeps its token.
+    need: torch.Tensor,  # [B, L] bool: `<mask>` positions the sampler may fill (not clamped, not batch pad)
+    generator: torch.Generator | None,
+    draw: str = "inverse_cdf",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Absorbing (`noise="mask"`) step 1.c.ii–iii inputs, computed only where a token is still to be chosen.
 
-    A masked-noise model is trained to predict `<mask>` positions only; what it outputs at a visible
-    position was never trained and is noise. So visible tokens are carried over into the denoiser and
-    argmax canvases with zero entropy (always accepted, free in the entropy budget), and each step
-    unmasks more positions, as in MDLM. Uniform noise (the reference) never calls this: there every
-    position may change at every step.  Returns `(denoiser_canvas, argmax_canvas, entropy)`, [B, L] each.
+    A masked-noise model is trained to predict `<mask>` positions only; its output at a visible position
+    was never trained and is noise. So visible tokens, the clamped suffix head and batch pad are carried
+    over into the denoiser and argmax canvases with zero entropy (always accepted, free in the entropy
+    budget), and each step unmasks more positions, as in MDLM. The vocabulary-wide work (softmax, draw,
+    entropy, log-probabilities) runs over the N positions in `need`, [N, V], not over [B, L, V]: in a
+    single-line canvas most positions are suffix head, batch pad or already unmasked. Uniform noise (the
+    reference) never calls this: there every position may change at every step.
+
+    Returns `(denoiser_canvas, argmax_canvas, entropy, denoiser_logp, argmax_logp)`, [B, L] each; the
+    log-probabilities (of the drawn and of the argmax token) are 0 outside `need`.
     """
-    visible = current_canvas != mask_token_id
+    logits = processed_logits[need]  # [N, V]
+    entropy_n, log_probs = token_entropy_and_log_probs(logits.float())  # [N], [N, V]
+    drawn = draw_tokens(log_probs.exp(), generator, draw, logits)  # [N]
+    argmax_logp_n, argmax_n = log_probs.max(dim=-1)  # [N], [N]
+    denoiser_logp_n = log_probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)  # [N]
+    zeros = torch.zeros(need.shape, dtype=torch.float32, device=need.device)
     return (
-        torch.where(visible, current_canvas, denoiser_canvas),
-        torch.where(visible, current_canvas, argmax_canvas),
-        entropy.masked_fill(visible, 0.0),
+        current_canvas.masked_scatter(need, drawn),
+        current_canvas.masked_scatter(need, argmax_n),
+        zeros.masked_scatter(need, entropy_n),
+        zeros.masked_scatter(need, denoiser_logp_n),
+        zeros.masked_scatter(need, argmax_logp_n),
     )
 
 
 def commit_logp(
     token_logp: torch.Tensor,  # [B, L] float32: log-probability of each position's token when it was unmasked
-    log_probs: torch.Tensor,  # [B, L, V] normalized log-probabilities of this step's processed logits
     was_masked: torch.Tensor,  # [B, L] bool: <mask> in the canvas the decoder read this step
     accepted: torch.Tensor,  # [B, L] bool
-    denoiser_canvas: torch.Tensor,  # [B, L]
-    argmax_canvas: torch.Tensor,  # [B, L]
+    denoiser_logp: torch.Tensor,  # [B, L] log-probability of this step's denoiser token
+    argmax_logp: torch.Tensor,  # [B, L] log-probability of this step's argmax token
 ) -> torch.Tensor:
     """Absorbing noise: record, for every position still masked, the log-probability of the token it gets.
 
@@ -122,9 +145,7 @@ def commit_logp(
     if they are still masked). Visible positions keep the value recorded when they were unmasked: the
     model's output there is untrained, so candidate rows are compared on these figures instead.  [B, L]
     """
-    token = torch.where(accepted, denoiser_canvas, argmax_canvas)
-    logp = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).float()
-    return torch.where(was_masked, logp, token_logp)
+    return torch.where(was_masked, torch.where(accepted, denoiser_logp, argmax_logp), token_logp)
 
 
 def entropy_bound_accept(

@@ -423,6 +423,11 @@ class Engine:
         device = model.device
         b, width = layout.clamped.shape
         fixed = layout.any_fixed
+        if fixed and self.pad_id is not None:
+            # A candidate row is [middle, <eos>, <pad> * k, suffix head]: pad only ever follows the end of
+            # the middle, so a pad where no EOS was drawn shows that the middle ended there too. (Plain
+            # canvases keep the reference's rule, EOS only, for token parity with generate.)
+            stop_ids = stop_ids | {self.pad_id}
         # Reference draws for plain canvases (token parity with generate), fast exact draws otherwise.
         draw = cfg.draw if cfg.draw != "auto" else ("inverse_cdf" if fixed else "multinomial")
         candidates = layout.candidates if fixed else None

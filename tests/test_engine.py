@@ -154,6 +154,26 @@ def test_single_line_stops_at_end_of_line():
     assert cut  # the random model runs past the line end for some seed, so the count above was checked
 
 
+def test_a_pad_in_a_candidate_row_ends_the_middle():
+    # Infill rows are [middle, <eos>, <pad> * k, suffix head]: a pad drawn before any EOS still marks the end.
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    pad = Engine(model, tok).pad_id
+
+    def pad_at_slot_5(module, args, output):
+        output.logits[:, 5, :] = -1e4
+        output.logits[:, 5, pad] = 1e4  # the canvas says: the middle is over at slot 5
+        return output
+
+    handle = model.register_forward_hook(pad_at_slot_5)
+    try:
+        engine = Engine(model, tok)
+        for seed in range(3):
+            r = engine.infill("x = compute(", "\ny = 2\n", lengths=[16], single_line=False, seed=seed)
+            assert pad not in r.ids and len(r.ids) <= 5
+    finally:
+        handle.remove()
+
+
 def test_single_line_budget_bounds_the_canvas_but_not_multi_line_requests():
     model, tok = tiny_pair(seed=6, canvas_length=64)
     engine = Engine(model, tok, settings=Settings(single_line_tokens=16))

@@ -122,6 +122,7 @@ class Engine:
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self._lock = threading.RLock()
         self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
+        self._line_end_tables: dict[frozenset[int], torch.Tensor] = {}  # see _line_ends
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
         self.last_prefix_len = 0
 
@@ -460,6 +461,7 @@ class Engine:
         # Absorbing noise: token log-probabilities recorded as positions are unmasked (for the row choice).
         absorbing = cfg.noise == "mask"
         token_logp = torch.zeros((b, width), dtype=torch.float32, device=device) if absorbing else None
+        line_ends = self._line_ends(stop_ids) if absorbing and request.single_line else None  # [V] bool
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
             forward_passes += ~finished
@@ -490,6 +492,8 @@ class Engine:
                 new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
                 if absorbing:
                     new_token_logp = sampler.commit_logp(token_logp, was_masked, accepted, denoiser_logp, argmax_logp)
+                    # the draft shows the tokens committed this step: they are final
+                    new_argmax_canvas = torch.where(accepted, denoiser_canvas, new_argmax_canvas)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
                 # 1.c.iv Stopping per row; finished rows keep their last state. NaN/inf logits make NaN
@@ -507,6 +511,9 @@ class Engine:
                 # (Rows that stopped earlier keep stale logits; their entropy no longer matters.)
                 stop, history = sampler.stable_and_confident(
                     history, new_argmax_canvas, entropy, cfg, layout.candidates if fixed else None)
+                if line_ends is not None:  # the line is unmasked through its end: no later step changes it
+                    stop = stop | sampler.line_decided(new_current_canvas, line_ends, cfg.mask_token_id,
+                                                       layout.middle)
                 finished = finished | stop
                 # 1.c.v Self-conditioning for the next step.
                 self_conditioning_logits = processed_logits.to(embeddings_dtype)
@@ -526,6 +533,25 @@ class Engine:
         end, ended = middle_end(row_ids, stop_ids)
         return _BlockResult(ids=row_ids[:end], ended=ended, steps=int(forward_passes[row]), row=row,
                             scores=tuple(scores))
+
+    def _line_ends(self, stop_ids: set[int]) -> torch.Tensor | None:
+        """[V] bool: tokens that end a line (their text has a newline) or the middle (`stop_ids`).
+
+        Built once per engine (one batch decode of the vocabulary) and kept with its other caches.
+        """
+        if self.tokenizer is None:
+            return None
+        key = frozenset(stop_ids)
+        table = self._line_end_tables.get(key)
+        if table is None:
+            n = min(self.vocab_size, len(self.tokenizer))
+            texts = self.tokenizer.batch_decode([[i] for i in range(n)])
+            table = torch.zeros(self.vocab_size, dtype=torch.bool)
+            table[:n] = torch.tensor(["\n" in text for text in texts], dtype=torch.bool)
+            table[[i for i in stop_ids if 0 <= i < self.vocab_size]] = True
+            table = table.to(self.model.device)
+            self._line_end_tables[key] = table
+        return table
 
     def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids,
                     token_logp: torch.Tensor | None = None) -> tuple[int, list[float]]:

@@ -148,6 +148,23 @@ def commit_logp(
     return torch.where(was_masked, torch.where(accepted, denoiser_logp, argmax_logp), token_logp)
 
 
+def line_decided(
+    current_canvas: torch.Tensor,  # [B, L]
+    ends_line: torch.Tensor,  # [V] bool: tokens that end a line (a newline in their text, EOS, pad)
+    mask_token_id: int,
+    middle: torch.Tensor,  # [B, L] bool: middle slots
+) -> torch.Tensor:
+    """Absorbing noise, single-line requests: is each row's answer already fixed?  [B] bool
+
+    Unmasked tokens are final, and a single-line answer is cut at its first line end. So once every
+    slot up to and including the first line-ending token is unmasked, no later step can change the
+    answer, and denoising the rest of the row (the lines after it) is wasted work.
+    """
+    visible = (current_canvas != mask_token_id) & middle  # [B, L]
+    prefix_visible = visible.long().cumprod(dim=-1).bool()  # [B, L]: slots 0..i all unmasked
+    return (ends_line[current_canvas] & prefix_visible).any(dim=-1)
+
+
 def entropy_bound_accept(
     current_canvas: torch.Tensor,  # [B, L]
     denoiser_canvas: torch.Tensor,  # [B, L]

@@ -174,6 +174,30 @@ def test_a_pad_in_a_candidate_row_ends_the_middle():
         handle.remove()
 
 
+def test_mask_noise_single_line_stops_once_the_line_is_unmasked_through_its_end():
+    # Unmasked tokens are final and the answer is cut at the line end: once "a\n" is unmasked, stop.
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    a, newline = tok.encode("a", add_special_tokens=False), tok.encode("\n", add_special_tokens=False)
+    assert len(a) == 1 and len(newline) == 1
+
+    def sure_of_a_newline(module, args, output):
+        output.logits[:] = 0.0  # uniform everywhere: one unsure slot accepted per step
+        output.logits[:, 0, a[0]] = 1e4
+        output.logits[:, 1, newline[0]] = 1e4
+        return output
+
+    handle = model.register_forward_hook(sure_of_a_newline)
+    try:
+        engine = Engine(model, tok, sampling=SamplingConfig(noise="mask", mask_token_id=3))
+        options = dict(seed=0, max_denoising_steps=12, entropy_bound=2.0)
+        line = engine.infill("x = compute(", "\ny = 2\n", single_line=True, **options)
+        block = engine.infill("x = compute(", "\ny = 2\n", single_line=False, max_new_tokens=32, **options)
+    finally:
+        handle.remove()
+    assert line.text == "a" and line.steps == 1
+    assert block.steps == 12  # the same canvas, asked for more than one line, runs every step
+
+
 def test_single_line_budget_bounds_the_canvas_but_not_multi_line_requests():
     model, tok = tiny_pair(seed=6, canvas_length=64)
     engine = Engine(model, tok, settings=Settings(single_line_tokens=16))

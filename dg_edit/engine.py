@@ -528,7 +528,8 @@ class Engine:
             if torch.all(finished):
                 break
         # 1.d Choose the row.
-        row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids, token_logp)
+        row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids, token_logp,
+                                       line_ends)
         row_ids = argmax_canvas[row, : layout.slot_lengths[row]].tolist()
         end, ended = middle_end(row_ids, stop_ids)
         return _BlockResult(ids=row_ids[:end], ended=ended, steps=int(forward_passes[row]), row=row,
@@ -554,12 +555,14 @@ class Engine:
         return table
 
     def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids,
-                    token_logp: torch.Tensor | None = None) -> tuple[int, list[float]]:
+                    token_logp: torch.Tensor | None = None,
+                    line_ends: torch.Tensor | None = None) -> tuple[int, list[float]]:
         """Score each candidate: mean log-probability of its middle (through EOS) and of the clamped suffix head.
 
         With absorbing noise (`token_logp` given) the model's output at visible positions, the clamped head
         included, was never trained: a middle is scored by the log-probabilities its tokens had when they
-        were unmasked, and the head does not count.
+        were unmasked, and the head does not count. For a single-line request (`line_ends` given, [V]
+        bool) only the line is scored, through its first line end: the rest of the row is cut anyway.
         """
         b = argmax_canvas.shape[0]
         if b == 1:
@@ -572,10 +575,18 @@ class Engine:
         else:
             with_head = False
         rows = argmax_canvas.tolist()
+        if line_ends is not None:
+            ends = line_ends[argmax_canvas].tolist()  # [B, L]; line_ends holds the stop ids too
+
+            def row_end(r: int, m: int) -> int:
+                return next((i for i in range(m) if ends[r][i]), m)
+        else:
+            def row_end(r: int, m: int) -> int:
+                return middle_end(rows[r][:m], stop_ids)[0]
         scores = []
         for r in range(b):
             m = layout.slot_lengths[r]
-            end, ended = middle_end(rows[r][:m], stop_ids)
+            end = row_end(r, m)
             upto = min(m, end + 1)
             mid = token_logp[r, :upto].mean() if upto > 0 else torch.tensor(0.0)
             clamp_mask = layout.clamped[r]
@@ -583,7 +594,7 @@ class Engine:
             scores.append(float(mid + head))
         # A mean log-probability favours the shortest middles, and an immediate EOS is the most
         # confident of all: prefer candidates that propose something, when any does.
-        nonempty = [r for r in range(b) if middle_end(rows[r][: layout.slot_lengths[r]], stop_ids)[0] > 0]
+        nonempty = [r for r in range(b) if row_end(r, layout.slot_lengths[r]) > 0]
         best = max(nonempty or range(b), key=lambda r: scores[r])
         return best, scores
 

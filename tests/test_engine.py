@@ -198,6 +198,32 @@ def test_mask_noise_single_line_stops_once_the_line_is_unmasked_through_its_end(
     assert block.steps == 12  # the same canvas, asked for more than one line, runs every step
 
 
+def test_mask_noise_single_line_rows_are_scored_on_their_line_only():
+    # Row 0 is sure of its line "a" and unsure of what follows it; row 1 is fairly sure of "b", then EOS.
+    # Only the line is kept, so only the line counts: "a" wins although row 1's whole middle is surer.
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    [a], [b], [newline] = (tok.encode(t, add_special_tokens=False) for t in ("a", "b", "\n"))
+    eos = 1
+
+    def rows(module, args, output):
+        logits = output.logits  # [3 rows: 8, 16 and 32 slots, L, V]
+        logits[:] = 0.0
+        logits[0, 0, a] = logits[0, 1, newline] = 1e4
+        logits[1, 0, b] = logits[1, 1, newline] = 6.0
+        logits[1, 2, eos] = 1e4
+        logits[2, 0, eos] = 1e4  # an empty middle never wins
+        return output
+
+    handle = model.register_forward_hook(rows)
+    try:
+        engine = Engine(model, tok, sampling=SamplingConfig(noise="mask", mask_token_id=3))
+        got = [engine.infill("x = compute(", "\ny = 2\n", single_line=True, seed=seed, max_denoising_steps=4,
+                             entropy_bound=2.0) for seed in range(3)]
+    finally:
+        handle.remove()
+    assert [r.text for r in got] == ["a"] * 3 and all(r.length == 8 for r in got)
+
+
 def test_single_line_budget_bounds_the_canvas_but_not_multi_line_requests():
     model, tok = tiny_pair(seed=6, canvas_length=64)
     engine = Engine(model, tok, settings=Settings(single_line_tokens=16))

@@ -524,7 +524,7 @@ class Engine:
                 step_no = step_offset + int(forward_passes.max())
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
                                        middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
-                                       token_logp)
+                                       token_logp, line_ends)
             if torch.all(finished):
                 break
         # 1.d Choose the row.
@@ -628,10 +628,11 @@ class Engine:
         return torch.where(renoise_mask, noise, canvas)
 
     def _step_event(self, layout: Layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids, middle_so_far,
-                    index: int, total: int, t0: float, request: _Request, token_logp=None) -> Step:
+                    index: int, total: int, t0: float, request: _Request, token_logp=None,
+                    line_ends=None) -> Step:
         """A `Step` for people: the best-looking row's draft, each token with its state and confidence."""
         if argmax_canvas.shape[0] > 1:
-            row, _ = self._choose_row(layout, argmax_canvas, processed_logits, stop_ids, token_logp)
+            row, _ = self._choose_row(layout, argmax_canvas, processed_logits, stop_ids, token_logp, line_ends)
         else:
             row = 0
         m = layout.slot_lengths[row]

@@ -406,7 +406,8 @@ async def test_a_slow_reader_gets_coalesced_drafts_and_does_not_stall_others(ser
         slow.send(json.dumps({"type": "rewrite", "id": rid, "prefix": "def score(values, weights):\n    total = 0\n",
                               "selection": selection, "suffix": "    return total\n", "seed": i}))
     async with connect(server.ws_url) as fast:
-        await fast.send(infill("f1", "x = ", seed=1, max_new_tokens=budget))
+        # a block, not one line: a single line may be decided (and done) after its first step
+        await fast.send(infill("f1", "x = ", seed=1, max_new_tokens=budget, single_line=False))
         steps = [await recv(fast) for _ in range(2)]
         assert [(f["id"], f["type"]) for f in steps] == [("f1", "step")] * 2
         await fast.send(json.dumps({"type": "cancel", "id": "f1"}))

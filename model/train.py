@@ -15,7 +15,8 @@ the LM head.
 
 bf16 autocast (AMX), AdamW, linear warmup then cosine decay over the *time* budget (so the
 schedule ends when the budget does), gradient clipping, checkpoints every few minutes
-(model, optimizer, step, RNG, elapsed time), ``--resume``.  Batches are a pure function of
+(model, optimizer, step, RNG, elapsed time), ``--resume``; Ctrl-C or SIGTERM stops after the
+current step with the final validation and checkpoint.  Batches are a pure function of
 (seed, step), so a resumed run sees the same data it would have seen.
 """
 
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -385,6 +387,35 @@ def main(argv: list[str] | None = None) -> int:
 
     vbatches = validation_batches(vcorpus, args, vocab, args.eval_batches)
     model.train()
+    with _stop_on_signal() as stop_requested:
+        return _train_loop(args, model, opt, corpus, vocab, vbatches, log, history, ckpt_path, step, tokens,
+                           elapsed0, stop_requested)
+
+
+class _stop_on_signal:
+    """Ctrl-C (SIGINT) or SIGTERM ends training after the current step, with the final validation and
+    checkpoint, so stopping a long run early loses nothing; a second signal stops at once."""
+
+    def __enter__(self) -> list[str]:
+        self.requested: list[str] = []
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested.append(signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _train_loop(args, model, opt, corpus, vocab, vbatches, log, history, ckpt_path, step, tokens, elapsed0,
+                stop_requested: list[str]) -> int:
+    """Steps until the time budget, --max-steps or a stop signal; then the final validation and checkpoint."""
     budget = args.minutes * 60
     t_start = time.time() - elapsed0
     last_ckpt = last_eval = time.time()
@@ -392,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     win_tok, win_t, win_loss, win_acc, win_ar, win_n = 0, time.time(), 0.0, 0.0, 0.0, 0
     while True:
         elapsed = time.time() - t_start
-        if elapsed >= budget or (args.max_steps and step >= args.max_steps):
+        if elapsed >= budget or (args.max_steps and step >= args.max_steps) or stop_requested:
             break
         lr = lr_at(elapsed / budget, step, args)
         for g in opt.param_groups:
@@ -437,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(ckpt_path, model, opt, step, time.time() - t_start, tokens, args, history)
             last_ckpt = time.time()
     elapsed = time.time() - t_start
+    if stop_requested:
+        print(f"\n{stop_requested[0]}: stopping early at step {step}; final validation and checkpoint "
+              "(signal again to stop at once)", flush=True)
     v = evaluate(model, vbatches, args)
     v.update(step=step, min=round(elapsed / 60, 2), tokens=tokens, final=True)
     history.append(v)

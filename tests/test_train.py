@@ -109,3 +109,30 @@ def test_checkpoint_roundtrip_and_resume(tmp_path):
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.mask_token_id) == (0, 1, 2, 3)
     settings = json.loads((out / "dg_edit.json").read_text())
     assert settings["noise"] in ("mask", "uniform") and settings["mask_token_id"] == 3
+
+
+def test_ctrl_c_stops_after_the_step_with_a_final_checkpoint(tmp_path):
+    # A long run stopped early (Ctrl-C, or SIGTERM from a scheduler) keeps its progress.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dg_edit.model.train", *TINY, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = out / "log.jsonl"
+        while not (log.exists() and '"tok_s"' in log.read_text()):  # a few steps have run
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "SIGINT: stopping early" in output
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert ck["step"] >= 1 and records[-1].get("final") and records[-1]["step"] == ck["step"]

@@ -122,7 +122,7 @@ class Engine:
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self._lock = threading.RLock()
         self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
-        self._line_end_tables: dict[frozenset[int], torch.Tensor] = {}  # see _line_ends
+        self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
         self.last_prefix_len = 0
 
@@ -538,20 +538,19 @@ class Engine:
     def _line_ends(self, stop_ids: set[int]) -> torch.Tensor | None:
         """[V] bool: tokens that end a line (their text has a newline) or the middle (`stop_ids`).
 
-        Built once per engine (one batch decode of the vocabulary) and kept with its other caches.
+        The newline part is built once per engine (one batch decode of the vocabulary) and kept with its
+        other caches; the stop ids differ by layout, so they are added per call.
         """
         if self.tokenizer is None:
             return None
-        key = frozenset(stop_ids)
-        table = self._line_end_tables.get(key)
-        if table is None:
+        if self._newline_tokens is None:
             n = min(self.vocab_size, len(self.tokenizer))
             texts = self.tokenizer.batch_decode([[i] for i in range(n)])
-            table = torch.zeros(self.vocab_size, dtype=torch.bool)
-            table[:n] = torch.tensor(["\n" in text for text in texts], dtype=torch.bool)
-            table[[i for i in stop_ids if 0 <= i < self.vocab_size]] = True
-            table = table.to(self.model.device)
-            self._line_end_tables[key] = table
+            newline = torch.zeros(self.vocab_size, dtype=torch.bool)
+            newline[:n] = torch.tensor(["\n" in text for text in texts], dtype=torch.bool)
+            self._newline_tokens = newline.to(self.model.device)
+        table = self._newline_tokens.clone()
+        table[[i for i in stop_ids if 0 <= i < self.vocab_size]] = True
         return table
 
     def _choose_row(self, layout: Layout, argmax_canvas, logits, stop_ids,

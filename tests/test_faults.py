@@ -67,15 +67,22 @@ def test_a_model_raising_mid_canvas_ends_that_stream_after_its_drafts(tiny_model
 
 
 # ---------------------------------------------------------------------------------------------- websocket service
+SLOW_STEP_S, SLOW_TIMEOUT_S = 0.5, 3
+
+
 @pytest.fixture(scope="module")
-def faulty_services(model_dir, tmp_path_factory):
+def faulty_services(model_dir, tiny_model_dir, tmp_path_factory):
     config = tmp_path_factory.mktemp("faults") / "slow.json"
-    config.write_text(json.dumps({"request_timeout_s": 2}))
+    config.write_text(json.dumps({"request_timeout_s": SLOW_TIMEOUT_S}))
     model = ["--model", str(model_dir)]
+    # The slow server runs the tiny random model: it never stops early, so a request of 64 tokens is
+    # sure to take 16 steps (8 s at 0.5 s a step) and outlive its 3 s limit, whatever the embedded
+    # model's weights are.
+    slow = ["--model", str(tiny_model_dir), "--config", str(config)]
     with ServeGroup({
         "raise": ServeProcess(model, env={faults.FAULT_ENV: "raise:2"}),
         "nan": ServeProcess(model, env={faults.FAULT_ENV: "nan:2"}),
-        "slow": ServeProcess([*model, "--config", str(config)], env={faults.FAULT_ENV: "slow:1.5"}),
+        "slow": ServeProcess(slow, env={faults.FAULT_ENV: f"slow:{SLOW_STEP_S}"}),
     }) as procs:
         yield procs
 
@@ -123,24 +130,37 @@ async def test_a_failing_model_errors_that_request_only(faulty_services, kind, w
 @module_loop
 async def test_a_slow_model_times_out_that_request_and_others_are_served_meanwhile(faulty_services):
     server = faulty_services["slow"]
+    arrivals: list[tuple[str, dict]] = []  # (connection, frame), in the order the client received them
+
+    async def read_until_final(name: str, ws) -> dict:
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            arrivals.append((name, frame))
+            if frame["type"] in TERMINAL:
+                return frame
+
     async with connect(server.ws_url) as slow, connect(server.ws_url) as fast:
         await slow.send(infill("slow", MARK + PREFIX, max_new_tokens=64))
         first = json.loads(await asyncio.wait_for(slow.recv(), 60))
         assert (first["id"], first["type"]) == ("slow", "step")
-        # While the slow request holds the model for 1.5 s per step (every request takes at least two
-        # steps, so it cannot finish inside the 2 s limit), another client's request still runs, its
-        # steps interleaved with the slow one's: its first draft comes within about one slow step.
+        slow_reader = asyncio.create_task(read_until_final("slow", slow))
+        # The slow request holds the model for 0.5 s a step, with 15 steps to go and 3 s to live.
         await fast.send(infill("fast", PREFIX, max_new_tokens=64))
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
         first_fast = json.loads(await asyncio.wait_for(fast.recv(), 60))
+        arrivals.append(("fast", first_fast))
         assert (first_fast["id"], first_fast["type"]) == ("fast", "step"), first_fast
-        assert loop.time() - sent < 3.0
         await fast.send(json.dumps({"type": "cancel", "id": "fast"}))
         assert (await collect(fast, ["fast"]))["fast"][-1]["type"] == "cancelled"
-        final = (await collect(slow, ["slow"]))["slow"][-1]
-        assert (final["type"], final["code"]) == ("error", "timeout"), final
-        assert "request_timeout_s=2" in final["message"]
+        final = await slow_reader
+    assert (final["type"], final["code"]) == ("error", "timeout"), final
+    assert f"request_timeout_s={SLOW_TIMEOUT_S}" in final["message"]
+    # Served meanwhile: the other client's first draft came while the slow request was still running,
+    # with slow drafts after it. A service that ran one request at a time could only have answered it
+    # after the slow request's timeout error.
+    order = [(name, frame["type"]) for name, frame in arrivals]
+    after_fast = order[order.index(("fast", "step")) + 1:]
+    assert ("slow", "step") in after_fast, order
+    assert after_fast[-1] == ("slow", "error"), order
 
 
 @module_loop

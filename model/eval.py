@@ -70,7 +70,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
-        except Exception:  # pragma: no cover - tqdm is a transformers dependency
+        except ImportError:  # pragma: no cover - tqdm comes with transformers (via huggingface_hub)
             self.bar = None
 
     def update(self, **postfix) -> None:

@@ -91,7 +91,7 @@ class _Request:
 class _BlockResult:
     ids: list[int]  # middle tokens of the chosen row, cut at EOS/pad
     ended: bool  # EOS/pad inside the slots ended the middle
-    steps: int  # decoder forward passes for the chosen row
+    forwards: int  # decoder passes the block ran: rows stop independently, but a pass runs the whole batch
     row: int
     scores: tuple[float, ...]
 
@@ -386,8 +386,8 @@ class Engine:
             # 1.b–c Denoise this block.
             block = yield from self._denoise_block(cache, layout, request, stop_ids, middle, with_steps,
                                                    step_index, t0)
-            step_index += block.steps
-            steps_total += block.steps
+            step_index += block.forwards
+            steps_total += block.forwards
             chosen_len = layout.slot_lengths[block.row]
             scores = block.scores
             # 1.d Append the middle; 1.e stop at EOS or budget.
@@ -455,7 +455,7 @@ class Engine:
         argmax_canvas = current_canvas
         self_conditioning_logits = None
         finished = torch.zeros(b, dtype=torch.bool, device=device)
-        forward_passes = torch.zeros(b, dtype=torch.long, device=device)
+        forwards = 0  # decoder passes run, counting up; each runs every row, finished or not
         history = None
         embeddings_dtype = model.model.decoder.embed_tokens.weight.dtype
         # Absorbing noise: token log-probabilities recorded as positions are unmasked (for the row choice).
@@ -464,7 +464,7 @@ class Engine:
         line_ends = self._line_ends(stop_ids) if absorbing and request.single_line else None  # [V] bool
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
-            forward_passes += ~finished
+            forwards += 1
             with self._lock, torch.inference_mode():
                 # 1.c.i Decoder forward with self-conditioning.
                 out = model(
@@ -521,7 +521,7 @@ class Engine:
                 if absorbing:
                     token_logp = new_token_logp
             if with_steps:
-                step_no = step_offset + int(forward_passes.max())
+                step_no = step_offset + forwards
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
                                        middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
                                        token_logp, line_ends)
@@ -532,7 +532,7 @@ class Engine:
                                        line_ends)
         row_ids = argmax_canvas[row, : layout.slot_lengths[row]].tolist()
         end, ended = middle_end(row_ids, stop_ids)
-        return _BlockResult(ids=row_ids[:end], ended=ended, steps=int(forward_passes[row]), row=row,
+        return _BlockResult(ids=row_ids[:end], ended=ended, forwards=forwards, row=row,
                             scores=tuple(scores))
 
     def _line_ends(self, stop_ids: set[int]) -> torch.Tensor | None:

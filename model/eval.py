@@ -119,6 +119,13 @@ def pct(k: int, n: int) -> str:
     return f"{100.0 * k / max(n, 1):5.1f}% ({k}/{n})"
 
 
+def tokens_per_forward(results) -> float:
+    """All answer tokens over all decoder passes (`Done`s). Not a mean of per-request ratios, which
+    would favour the requests that end after one pass; this is the rate the passes actually ran at."""
+    passes = sum(r.steps for r in results)
+    return sum(r.tokens_per_forward * r.steps for r in results) / passes if passes else 0.0
+
+
 # --------------------------------------------------------------------------- humaneval-infilling
 
 
@@ -140,7 +147,7 @@ def humaneval(args) -> int:
     names = ("model",) + BASELINES
     passed = {k: 0 for k in names}
     latencies: list[float] = []
-    tpf: list[float] = []
+    dones: list = []
     records = []
     prog = Progress(len(problems), f"humaneval-infilling {args.split}")
 
@@ -160,7 +167,7 @@ def humaneval(args) -> int:
             if single:
                 completion = completion.split("\n", 1)[0].rstrip("\n") + "\n"
             latencies.append(r.ms)
-            tpf.append(r.tokens_per_forward)
+            dones.append(r)
             line_shaped = p["prompt"].endswith("\n") or not p["prompt"]
             comps = {"model": completion}
             for b in BASELINES:
@@ -179,7 +186,7 @@ def humaneval(args) -> int:
     prog.close()
     n = len(problems)
     med = statistics.median(latencies) if latencies else 0.0
-    mean_tpf = statistics.fmean(tpf) if tpf else 0.0
+    mean_tpf = tokens_per_forward(dones)
     print(f"humaneval-infilling {args.split}: {n} problems (model {engine.name})")
     print(f"  model      pass@1 {pct(passed['model'], n)}   median latency {med:.0f} ms   "
           f"tokens/forward {mean_tpf:.2f}")
@@ -208,7 +215,7 @@ def exact(args) -> int:
     sims = {k: [] for k in names}
     lat: list[float] = []
     warm: list[float] = []
-    tpf: list[float] = []
+    dones: list = []
     records = []
     prog = Progress(len(tasks), "exact")
     for i, t in enumerate(tasks):
@@ -229,14 +236,15 @@ def exact(args) -> int:
         hits["model"] += int(ok)
         sims["model"].append(edit_similarity(pred, target))
         lat.append(r.ms)
-        tpf.append(r.tokens_per_forward)
+        dones.append(r)
         base = {}
         for b in BASELINES:
             c = baseline_completion(b, t["prefix"], False).split("\n", 1)[0].rstrip()
             base[b] = c == target
             hits[b] += int(base[b])
             sims[b].append(edit_similarity(c, target))
-        records.append(dict(i=i, pred=pred, target=target, ok=ok, baselines=base, ms=round(r.ms, 1)))
+        records.append(dict(i=i, pred=pred, target=target, ok=ok, baselines=base, ms=round(r.ms, 1), steps=r.steps,
+                            tokens_per_forward=round(r.tokens_per_forward, 3)))
         prog.update(ms=f"{r.ms:.0f}", exact=hits["model"])
     prog.close()
     n = len(tasks)
@@ -244,7 +252,7 @@ def exact(args) -> int:
     print(f"exact: {n} tasks from {args.file} (model {engine.name})")
     sim = {k: statistics.fmean(v) if v else 0.0 for k, v in sims.items()}
     line = (f"  model      exact {pct(hits['model'], n)}   edit-sim {sim['model']:.3f}   median latency {med:.0f} ms   "
-            f"tokens/forward {statistics.fmean(tpf) if tpf else 0.0:.2f}")
+            f"tokens/forward {tokens_per_forward(dones):.2f}")
     if warm:
         line += f"   warm median {statistics.median(warm):.0f} ms"
     print(line)
@@ -253,7 +261,7 @@ def exact(args) -> int:
     if args.json:
         summary = dict(task="exact", file=str(args.file), n=n, model=engine.name,
                        exact={k: hits[k] / max(n, 1) for k in names}, edit_similarity=sim, median_ms=med,
-                       warm_median_ms=statistics.median(warm) if warm else None)
+                       warm_median_ms=statistics.median(warm) if warm else None, tokens_per_forward=tokens_per_forward(dones))
         Path(args.json).write_text(json.dumps(dict(summary=summary, records=records), indent=1) + "\n")
     return 0
 

@@ -348,3 +348,29 @@ def test_inverse_cdf_draws_follow_the_distribution():
     freq = torch.bincount(drawn.flatten(), minlength=5).float() / drawn.numel()
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)
     assert int(drawn.max()) <= 3  # a zero-probability token is never drawn
+
+
+def test_done_counts_every_decoder_pass_the_request_ran():
+    # Candidate rows stop independently, but each pass runs the whole batch: the request's cost (and
+    # its tokens per forward) is the passes the batch ran, which is also how many drafts were shown.
+    model, tok = tiny_pair(seed=6, canvas_length=64)
+    a, newline = tok.encode("a", add_special_tokens=False), tok.encode("\n", add_special_tokens=False)
+
+    def only_the_first_row_is_sure(module, args, output):
+        output.logits[:] = 0.0  # uniform: one unsure slot accepted per step
+        output.logits[0, 0, a[0]] = 1e4  # row 0 is decided ("a\n") at its first pass, and wins
+        output.logits[0, 1, newline[0]] = 1e4
+        return output
+
+    handle = model.register_forward_hook(only_the_first_row_is_sure)
+    try:
+        engine = Engine(model, tok, sampling=SamplingConfig(noise="mask", mask_token_id=3))
+        events = list(engine.stream("x = compute(", "\ny = 2\n", seed=0, single_line=True,
+                                    max_denoising_steps=8, entropy_bound=2.0))
+    finally:
+        handle.remove()
+    done, steps = events[-1], events[:-1]
+    assert done.text == "a" and len(steps) > 1  # the other rows went on after row 0 was decided
+    assert [s.index for s in steps] == list(range(1, len(steps) + 1))
+    assert done.steps == len(steps)
+    assert done.tokens_per_forward == pytest.approx(2 / len(steps))  # "a" and its newline

@@ -455,6 +455,7 @@ class Engine:
         argmax_canvas = current_canvas
         self_conditioning_logits = None
         finished = torch.zeros(b, dtype=torch.bool, device=device)
+        any_finished = False  # host copy of finished.any(), from the previous step's one sync
         forwards = 0  # decoder passes run, counting up; each runs every row, finished or not
         history = None
         embeddings_dtype = model.model.decoder.embed_tokens.weight.dtype
@@ -496,11 +497,7 @@ class Engine:
                     new_argmax_canvas = torch.where(accepted, denoiser_canvas, new_argmax_canvas)
                 if fixed:
                     new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
-                # 1.c.iv Stopping per row; finished rows keep their last state. NaN/inf logits make NaN
-                # entropy: checked in the same host sync, before a garbage draft can be shown.
-                any_finished, nonfinite = torch.stack((finished.any(), entropy.isnan().any())).tolist()
-                if nonfinite:
-                    raise sampler.NonFiniteLogits()
+                # 1.c.iv Stopping per row; finished rows keep their last state.
                 if any_finished:
                     new_argmax_canvas = torch.where(finished[:, None], argmax_canvas, new_argmax_canvas)
                     new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
@@ -520,12 +517,18 @@ class Engine:
                 current_canvas, argmax_canvas = new_current_canvas, new_argmax_canvas
                 if absorbing:
                     token_logp = new_token_logp
+                # The step's one host sync. NaN/inf logits make NaN entropy: raised here, before a garbage
+                # draft can be shown.
+                nonfinite, any_finished, all_finished = torch.stack(
+                    (entropy.isnan().any(), finished.any(), finished.all())).tolist()
+                if nonfinite:
+                    raise sampler.NonFiniteLogits()
             if with_steps:
                 step_no = step_offset + forwards
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
                                        middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
                                        token_logp, line_ends)
-            if torch.all(finished):
+            if all_finished:
                 break
         # 1.d Choose the row.
         row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids, token_logp,

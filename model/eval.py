@@ -186,15 +186,15 @@ def humaneval(args) -> int:
     prog.close()
     n = len(problems)
     med = statistics.median(latencies) if latencies else 0.0
-    mean_tpf = tokens_per_forward(dones)
+    overall_tpf = tokens_per_forward(dones)
     print(f"humaneval-infilling {args.split}: {n} problems (model {engine.name})")
     print(f"  model      pass@1 {pct(passed['model'], n)}   median latency {med:.0f} ms   "
-          f"tokens/forward {mean_tpf:.2f}")
+          f"tokens/forward {overall_tpf:.2f}")
     for b in BASELINES:
         print(f"  {b:<10} pass@1 {pct(passed[b], n)}")
     summary = dict(task="humaneval-infilling", split=args.split, n=n, model=engine.name,
                    pass_at_1={k: passed[k] / max(n, 1) for k in names}, median_ms=med,
-                   tokens_per_forward=mean_tpf)
+                   tokens_per_forward=overall_tpf)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(summary=summary, records=records), indent=1) + "\n")
     return 0

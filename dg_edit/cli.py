@@ -104,7 +104,7 @@ def _read_text_file(path: str) -> str:
         raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); dg-edit edits text files") from None
 
 
-_JSON_FIELDS = {"id", "prefix", "suffix", "max_new_tokens", "seed"}
+_JSON_FIELDS = {"id", "prefix", "suffix", "max_new_tokens", "seed", "single_line"}
 
 
 def infill_json_line(engine, line: str) -> dict[str, Any]:
@@ -121,9 +121,13 @@ def infill_json_line(engine, line: str) -> dict[str, Any]:
         return {"id": rid, "error": f"unknown field(s): {', '.join(unknown)}"}
     if "prefix" not in request:
         return {"id": rid, "error": "missing field: prefix"}
+    single_line = request.get("single_line")
+    if single_line is not None and not isinstance(single_line, bool):
+        return {"id": rid, "error": "single_line must be true, false or null (null: decided by the cursor's line)"}
     try:
         r = engine.infill(request["prefix"], request.get("suffix", ""),
-                          max_new_tokens=request.get("max_new_tokens"), seed=request.get("seed"))
+                          max_new_tokens=request.get("max_new_tokens"), seed=request.get("seed"),
+                          single_line=single_line)
     except ValueError as e:
         return {"id": rid, "error": str(e)}
     return {"id": rid, "text": r.text, "steps": r.steps, "tokens_per_forward": round(r.tokens_per_forward, 3),

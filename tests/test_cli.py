@@ -42,6 +42,20 @@ def test_infill_json_lines_in_order_with_errors_inline(tiny_model_dir):
     assert "Traceback" not in proc.stderr
 
 
+def test_infill_json_single_line_as_the_websocket_request_takes_it(tiny_model_dir):
+    # The cursor sits on an empty line, so by default the answer may run over several lines.
+    request = {"prefix": "import os\n", "suffix": "\nprint(os.sep)\n", "max_new_tokens": 24}
+    lines = [json.dumps({**request, "id": f"s{seed}", "seed": seed, "single_line": True}) for seed in range(6)]
+    lines += [json.dumps({**request, "id": f"b{seed}", "seed": seed, "single_line": False}) for seed in range(6)]
+    lines += [json.dumps({**request, "id": "bad", "single_line": "yes"})]
+    proc = run(["infill", "--json", "--model", str(tiny_model_dir)], "\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    out = {o["id"]: o for o in map(json.loads, proc.stdout.splitlines())}
+    assert all("\n" not in out[f"s{seed}"]["text"] for seed in range(6))
+    assert any("\n" in out[f"b{seed}"]["text"] for seed in range(6))  # so the flag above did something
+    assert "single_line" in out["bad"]["error"]
+
+
 def test_infill_json_is_deterministic_with_a_seed(tiny_model_dir):
     line = json.dumps({"prefix": "for i in range(", "suffix": "):\n    pass\n", "seed": 5}) + "\n"
     a = run(["infill", "--json", "--model", str(tiny_model_dir)], line * 2)

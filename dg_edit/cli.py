@@ -121,13 +121,10 @@ def infill_json_line(engine, line: str) -> dict[str, Any]:
         return {"id": rid, "error": f"unknown field(s): {', '.join(unknown)}"}
     if "prefix" not in request:
         return {"id": rid, "error": "missing field: prefix"}
-    single_line = request.get("single_line")
-    if single_line is not None and not isinstance(single_line, bool):
-        return {"id": rid, "error": "single_line must be true, false or null (null: decided by the cursor's line)"}
     try:
         r = engine.infill(request["prefix"], request.get("suffix", ""),
                           max_new_tokens=request.get("max_new_tokens"), seed=request.get("seed"),
-                          single_line=single_line)
+                          single_line=request.get("single_line"))
     except ValueError as e:
         return {"id": rid, "error": str(e)}
     return {"id": rid, "text": r.text, "steps": r.steps, "tokens_per_forward": round(r.tokens_per_forward, 3),

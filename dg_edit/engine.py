@@ -291,6 +291,9 @@ class Engine:
         _check_text("suffix", suffix)
         if not prefix and not suffix and not instruction:
             raise ValueError("prefix and suffix are both empty: nothing to condition the infill on")
+        if single_line is not None and not isinstance(single_line, bool):
+            raise ValueError(f"single_line must be true, false or None (decided by the cursor's line), "
+                             f"got {single_line!r}")
         tok = self._need_tokenizer()
         max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
         budget = self.settings.max_prefix_tokens

@@ -23,6 +23,7 @@ current step with the final validation and checkpoint.  Batches are a pure funct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -392,24 +393,23 @@ def main(argv: list[str] | None = None) -> int:
                            elapsed0, stop_requested)
 
 
-class _stop_on_signal:
+@contextlib.contextmanager
+def _stop_on_signal():
     """Ctrl-C (SIGINT) or SIGTERM ends training after the current step, with the final validation and
-    checkpoint, so stopping a long run early loses nothing; a second signal stops at once."""
+    checkpoint, so stopping a long run early loses nothing; a second signal stops at once.
+    Yields the list the first signal's name is put in."""
+    requested: list[str] = []
 
-    def __enter__(self) -> list[str]:
-        self.requested: list[str] = []
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self.requested
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
+    def handle(signum, frame) -> None:
+        if requested:
             raise KeyboardInterrupt
-        self.requested.append(signal.Signals(signum).name)
+        requested.append(signal.Signals(signum).name)
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 

@@ -6,6 +6,10 @@ CI never trains the real model; everything here takes a few seconds on CPU.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,11 +117,6 @@ def test_checkpoint_roundtrip_and_resume(tmp_path):
 
 def test_ctrl_c_stops_after_the_step_with_a_final_checkpoint(tmp_path):
     # A long run stopped early (Ctrl-C, or SIGTERM from a scheduler) keeps its progress.
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "dg_edit.model.train", *TINY, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -67,7 +67,7 @@ def test_a_model_raising_mid_canvas_ends_that_stream_after_its_drafts(tiny_model
 
 
 # ---------------------------------------------------------------------------------------------- websocket service
-SLOW_STEP_S, SLOW_TIMEOUT_S = 0.5, 3
+SLOW_STEP_S, SLOW_TIMEOUT_S = 0.5, 5
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def faulty_services(model_dir, tiny_model_dir, tmp_path_factory):
     config.write_text(json.dumps({"request_timeout_s": SLOW_TIMEOUT_S}))
     model = ["--model", str(model_dir)]
     # The slow server runs the tiny random model: it never stops early, so a request of 64 tokens is
-    # sure to take 16 steps (8 s at 0.5 s a step) and outlive its 3 s limit, whatever the embedded
+    # sure to take 16 steps (8 s at 0.5 s a step) and outlive its 5 s limit, whatever the embedded
     # model's weights are.
     slow = ["--model", str(tiny_model_dir), "--config", str(config)]
     with ServeGroup({
@@ -144,7 +144,7 @@ async def test_a_slow_model_times_out_that_request_and_others_are_served_meanwhi
         first = json.loads(await asyncio.wait_for(slow.recv(), 60))
         assert (first["id"], first["type"]) == ("slow", "step")
         slow_reader = asyncio.create_task(read_until_final("slow", slow))
-        # The slow request holds the model for 0.5 s a step, with 15 steps to go and 3 s to live.
+        # The slow request holds the model for 0.5 s a step, with 15 steps to go and 5 s to live (room for the other request to start on a loaded machine).
         await fast.send(infill("fast", PREFIX, max_new_tokens=64))
         first_fast = json.loads(await asyncio.wait_for(fast.recv(), 60))
         arrivals.append(("fast", first_fast))

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dg_edit import Engine
+from dg_edit import Engine, hf_adapter as hf
 from dg_edit.prefix_cache import encode_prefix
 from dg_edit.testing import tiny_model
 
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         sc_logits = torch.randn(1, args.canvas, args.vocab)
 
         def bare_forward():
-            return model(decoder_input_ids=canvas, self_conditioning_logits=sc_logits, past_key_values=cache,
-                         decoder_position_ids=positions).logits
+            return hf.decoder_forward(model, cache, canvas, positions, None, sc_logits)
 
         ms_fwd, _ = timed(bare_forward, args.repeats * 4)
     steps = 16

@@ -216,8 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_install() -> None:
+    """Refuse, in one line, to run a model command on a transformers release outside the tested range."""
+    from .hf_adapter import check_transformers
+
+    try:
+        check_transformers()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FRONT_ENDS and not {"-h", "--help"} & set(argv[1:]):
+        try:
+            check_install()
+        except UsageError as e:
+            print(f"dg-edit {argv[0]}: {e}", file=sys.stderr)
+            return 2
     if argv and argv[0] in FRONT_ENDS:
         module = importlib.import_module(FRONT_ENDS[argv[0]][0])
         try:
@@ -228,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("infill", "info"):
+            check_install()
         if args.command == "infill":
             return cmd_infill(args, sys.stdin, sys.stdout)
         if args.command == "info":

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import sampler
+from . import hf_adapter as hf, sampler
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
@@ -131,6 +131,7 @@ class Engine:
     def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
              settings: Settings | None = None) -> "Engine":
         """Load a local Hugging Face directory (or the embedded default model when `model` is None)."""
+        hf.check_transformers()  # before transformers is imported: one line naming the fix, not a traceback
         from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
         from transformers.utils import logging as hf_logging
 
@@ -147,6 +148,7 @@ class Engine:
                     "DiffusionGemma directory (config.json, *.safetensors, tokenizer.json)"
                 )
         path = check_model_dir(model if model not in (None, "") else default_model_dir())
+        hf.check_model_type(path)
         torch_dtype = _parse_dtype(dtype) or torch.float32
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -438,14 +440,9 @@ class Engine:
         keep = (layout.clamped | ~layout.valid) if fixed else None
         batch_cache = cache
         if b > 1:
-            batch_cache.batch_repeat_interleave(b)  # the final block is this cache's last use
+            hf.batch_repeat(batch_cache, b)  # the final block is this cache's last use
         with self._lock:
-            mask_mapping = model.model.decoder.create_diffusion_decoder_attention_mask(
-                config=model.config,
-                inputs_embeds=torch.empty((b, width, 1), device=device),
-                past_key_values=batch_cache,
-                decoder_attention_mask=layout.attention_mask,
-            )
+            mask_mapping = hf.decoder_masks(model, batch_cache, b, width, layout.attention_mask)
         # 1.b Prepare the canvas.
         steps_remaining_start = cfg.max_denoising_steps
         if request.init_middle is not None:
@@ -461,7 +458,7 @@ class Engine:
         any_finished = False  # host copy of finished.any(), from the previous step's one sync
         forwards = 0  # decoder passes run, counting up; each runs every row, finished or not
         history = None
-        embeddings_dtype = model.model.decoder.embed_tokens.weight.dtype
+        embeddings_dtype = hf.embedding_dtype(model)
         # Absorbing noise: token log-probabilities recorded as positions are unmasked (for the row choice).
         absorbing = cfg.noise == "mask"
         token_logp = torch.zeros((b, width), dtype=torch.float32, device=device) if absorbing else None
@@ -471,14 +468,10 @@ class Engine:
             forwards += 1
             with self._lock, torch.inference_mode():
                 # 1.c.i Decoder forward with self-conditioning.
-                out = model(
-                    decoder_input_ids=current_canvas,
-                    self_conditioning_logits=self_conditioning_logits,
-                    decoder_attention_mask=mask_mapping,
-                    past_key_values=batch_cache,
-                    decoder_position_ids=layout.position_ids[:1] if not fixed else layout.position_ids,
-                )
-                raw_logits = out.logits  # [B, L, V]
+                raw_logits = hf.decoder_forward(  # [B, L, V]
+                    model, batch_cache, current_canvas,
+                    layout.position_ids[:1] if not fixed else layout.position_ids,
+                    mask_mapping, self_conditioning_logits)
                 # 1.c.ii Temperature, denoiser sample, argmax draft.
                 processed_logits = sampler.temperature_scale(raw_logits, steps_remaining, cfg)
                 if absorbing:  # only masked positions are sampled; unmasked tokens are final (entropy 0)
@@ -620,9 +613,8 @@ class Engine:
         n_sel = min(len(request.init_middle), slots)
         k = max(1, math.ceil(request.strength * n_sel))
         with self._lock, torch.inference_mode():
-            out = model(decoder_input_ids=canvas, decoder_attention_mask=mask_mapping, past_key_values=batch_cache,
-                        decoder_position_ids=layout.position_ids)
-            logp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, canvas.unsqueeze(-1)).squeeze(-1)
+            logits = hf.decoder_forward(model, batch_cache, canvas, layout.position_ids, mask_mapping)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, canvas.unsqueeze(-1)).squeeze(-1)
         # Least sure selection tokens first; the slack after the selection is always open to change.
         sure = logp[0, :n_sel]
         order = torch.argsort(sure)[:k]

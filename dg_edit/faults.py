@@ -25,6 +25,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from . import hf_adapter as hf
+
 FAULT_ENV = "DG_EDIT_FAULT"
 MARKER = "DG_EDIT_FAULT_HERE"
 KINDS = ("raise", "nan", "slow")
@@ -59,7 +61,7 @@ def install(model, tokenizer, spec: str) -> Fault:
     lock = threading.Lock()
 
     def on_encode(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = hf.hook_cache(kwargs)
         ids = kwargs.get("input_ids")
         if cache is None or ids is None:
             return
@@ -68,7 +70,7 @@ def install(model, tokenizer, spec: str) -> Fault:
                 marked.setdefault(cache, 0)
 
     def on_decode(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = hf.hook_cache(kwargs)
         if kwargs.get("decoder_input_ids") is None or cache is None:
             return
         with lock:
@@ -84,14 +86,14 @@ def install(model, tokenizer, spec: str) -> Fault:
     def after_decode(module, args, kwargs, output):
         if fault.kind != "nan" or kwargs.get("decoder_input_ids") is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = hf.hook_cache(kwargs)
         with lock:
             step = marked.get(cache, 0) if cache is not None else 0
         if step >= max(fault.arg, 1):
             output.logits = output.logits.new_full(output.logits.shape, float("nan"))
         return output
 
-    model.model.encoder.register_forward_pre_hook(on_encode, with_kwargs=True)
+    hf.encoder_module(model).register_forward_pre_hook(on_encode, with_kwargs=True)
     model.register_forward_pre_hook(on_decode, with_kwargs=True)
     model.register_forward_hook(after_decode, with_kwargs=True)
     print(f"dg-edit: WARNING: test fault injection is on ({FAULT_ENV}={spec}): requests containing "

@@ -3,7 +3,7 @@
 Consecutive requests in one document share almost all of their prefix. `PrefixCache` keeps the
 full key/value states of the last prefix for every layer (sliding-window layers included, which a
 `DynamicCache` would trim), so a new request encodes only the tokens after the longest common
-prefix, then gets a fresh `DynamicCache` in exactly the state the reference `generate` would have
+prefix, then gets a fresh encoder cache in exactly the state the reference `generate` would have
 after encoding the whole prefix in one go.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+
+from . import hf_adapter as hf
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -35,30 +36,9 @@ class PrefixCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def cache_from_states(text_config, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> DynamicCache:
-    """A `DynamicCache` holding the first `length` positions of the given full states.
-
-    Sliding-window layers keep only their last `sliding_window - 1` states, as after a plain
-    encoder pass, and record the past so that the next encoder call returns all new states.
-    """
-    cache = DynamicCache(config=text_config)
-    for i, layer in enumerate(cache.layers):
-        if length > 0:
-            k = keys[i][..., :length, :]
-            v = values[i][..., :length, :]
-            layer.lazy_initialization(k, v)
-            if layer.is_sliding:
-                layer.keys = k[..., -layer.sliding_window + 1 :, :]
-                layer.values = v[..., -layer.sliding_window + 1 :, :]
-                layer.cumulative_length = length
-            else:
-                layer.keys, layer.values = k, v
-    return cache
-
-
 def encode_prefix(
     model, prefix_ids: list[int], entry: PrefixCache | None, chunk: int | None = 64
-) -> tuple[DynamicCache, PrefixCache, int]:
+):
     """Encode `prefix_ids`, reusing `entry` up to the longest common prefix.
 
     The encoder always runs over chunks that start at multiples of `chunk` (absolute positions), so
@@ -66,50 +46,40 @@ def encode_prefix(
     results are bitwise identical with and without the cache. `chunk=None` encodes the whole prefix in
     one pass, exactly as `model.generate` does (used for requests without a session).
 
-    Returns `(cache, new_entry, n_encoded)`: a `DynamicCache` for the decoder (batch 1), the entry to
+    Returns `(cache, new_entry, n_encoded)`: an encoder cache for the decoder (batch 1), the entry to
     keep for the next request, and how many tokens went through the encoder this time.
     """
-    text_config = model.config.get_text_config(decoder=True)
     if entry is not None and entry.ids == list(prefix_ids):
         # Identical prefix: nothing to encode.
-        return cache_from_states(text_config, entry.keys, entry.values, len(prefix_ids)), entry, 0
+        return hf.cache_from_states(model, entry.keys, entry.values, len(prefix_ids)), entry, 0
     lcp = 0 if entry is None else common_prefix_length(entry.ids, prefix_ids)
     step = chunk or max(len(prefix_ids), 1)
     reuse = (lcp // step) * step if chunk else 0
-    cache = cache_from_states(text_config, entry.keys if entry else [], entry.values if entry else [], reuse)
+    cache = hf.cache_from_states(model, entry.keys if entry else [], entry.values if entry else [], reuse)
     new_ids = prefix_ids[reuse:]
     n_new = len(new_ids)
-    cache.activate_past_recording()  # sliding layers keep the new states until `crop(0)` below
+    hf.start_recording(cache)  # sliding layers keep the new states until `stop_recording` below
     for start in range(reuse, len(prefix_ids), step):
         encode_chunk(model, cache, prefix_ids[start : start + step], start)
     keys, values = [], []
-    for i, layer in enumerate(cache.layers):
-        new_k = layer.keys[..., -n_new:, :]
-        new_v = layer.values[..., -n_new:, :]
+    for i, (layer_keys, layer_values) in enumerate(hf.layer_states(cache)):
+        new_k = layer_keys[..., -n_new:, :]
+        new_v = layer_values[..., -n_new:, :]
         if reuse > 0:
             keys.append(torch.cat([entry.keys[i][..., :reuse, :], new_k], dim=-2))
             values.append(torch.cat([entry.values[i][..., :reuse, :], new_v], dim=-2))
         else:
             keys.append(new_k.clone())
             values.append(new_v.clone())
-    cache.crop(0)  # sliding layers back to their window, as after a plain encoder pass
-    for layer in cache.layers:
-        if layer.is_sliding:
-            layer.record_past = False
+    hf.stop_recording(cache)  # sliding layers back to their window, as after a plain encoder pass
     return cache, PrefixCache(ids=list(prefix_ids), keys=keys, values=values), n_new
 
 
-def encode_chunk(model, cache: DynamicCache, ids: list[int], start: int) -> None:
+def encode_chunk(model, cache, ids: list[int], start: int) -> None:
     """Run the encoder over `ids` at positions start.., appending their states to `cache` (1.a / 1.f)."""
     device = model.device
     n = len(ids)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, n]
     position_ids = torch.arange(start, start + n, dtype=torch.int32, device=device).unsqueeze(0)
     attention_mask = torch.ones((1, start + n), dtype=torch.bool, device=device)
-    dummy_embeds = torch.empty((1, n, 0), dtype=model.dtype, device=device)
-    mask_mapping = model.model.encoder.create_masks_for_generate(
-        config=model.config, inputs_embeds=dummy_embeds, attention_mask=attention_mask, past_key_values=cache,
-        position_ids=position_ids,
-    )
-    model.model.encoder(input_ids=input_ids, attention_mask=mask_mapping, past_key_values=cache,
-                        position_ids=position_ids)
+    hf.encoder_forward(model, cache, input_ids, position_ids, attention_mask)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dg_edit import hf_adapter as hf
+
 from . import corpus as corpus_mod
 from .arch import build_model, count_parameters
 from .data import Batch, Corpus, make_batch, noise_canvas
@@ -62,12 +64,6 @@ DG_EDIT_DEFAULTS = {
 # --------------------------------------------------------------------------- model I/O
 
 
-def softcap(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(hidden).float()
-    c = model.final_logit_softcapping
-    return torch.tanh(logits / c) * c if c else logits
-
-
 def to_tensors(batch: Batch, noisy: np.ndarray) -> dict:
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     pmask = t(batch.prefix_mask)
@@ -91,29 +87,17 @@ def diffusion_forward(model, inp: dict, self_condition: bool, want_encoder_logit
     """Encoder over the prefix (fills the KV cache), then the decoder over the canvas.
 
     Returns (canvas logits, encoder logits or None)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    enc = model.model.encoder(
-        input_ids=inp["input_ids"],
-        attention_mask=inp["attention_mask"],
-        position_ids=inp["position_ids"],
-        past_key_values=cache,
-    )
-    enc_logits = softcap(model, enc.last_hidden_state) if want_encoder_logits else None
-    dec_kw = dict(
-        decoder_input_ids=inp["decoder_input_ids"],
-        past_key_values=cache,
-        decoder_position_ids=inp["decoder_position_ids"],
-        decoder_attention_mask=inp["decoder_attention_mask"],
-    )
+    cache = hf.new_cache(model)
+    enc = hf.encoder_forward(model, cache, inp["input_ids"], inp["position_ids"], inp["attention_mask"])
+    enc_logits = hf.logits_from_hidden(model, enc.last_hidden_state) if want_encoder_logits else None
+    dec = dict(canvas=inp["decoder_input_ids"], position_ids=inp["decoder_position_ids"],
+               attention_mask=inp["decoder_attention_mask"])
     sc_logits = None
     if self_condition:
         with torch.no_grad():
-            first = model.model.decoder(**dec_kw)
-            sc_logits = softcap(model, first.last_hidden_state).detach()
-    out = model.model.decoder(**dec_kw, self_conditioning_logits=sc_logits)
-    return softcap(model, out.last_hidden_state), enc_logits
+            sc_logits = hf.logits_from_hidden(model, hf.decoder_hidden(model, cache, **dec)).detach()
+    hidden = hf.decoder_hidden(model, cache, **dec, self_conditioning_logits=sc_logits)
+    return hf.logits_from_hidden(model, hidden), enc_logits
 
 
 def compute_losses(model, batch: Batch, noisy: np.ndarray, noised: np.ndarray, self_condition: bool,

@@ -132,10 +132,8 @@ class Engine:
              settings: Settings | None = None) -> "Engine":
         """Load a local Hugging Face directory (or the embedded default model when `model` is None)."""
         hf.check_transformers()  # before transformers is imported: one line naming the fix, not a traceback
-        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a CLI's stderr is for its own messages
+        transformers = hf.api()
+        transformers.utils.logging.disable_progress_bar()  # a CLI's stderr is for its own messages
 
         settings = settings or Settings()
         if model is None and settings.model:
@@ -152,8 +150,9 @@ class Engine:
         torch_dtype = _parse_dtype(dtype) or torch.float32
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            net = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            net = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch_dtype,
+                                                                               local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot load model from {path}: {e}") from None
         net.to(device)

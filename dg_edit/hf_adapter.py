@@ -20,13 +20,19 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import threading
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 DIFFUSION_GEMMA_MODEL_TYPE = "diffusion_gemma"
+# transformers resolves its names lazily (`_LazyModule`), and two threads importing from it at once
+# can fail with "cannot import name 'AutoTokenizer'" (the language server preloads it in one thread
+# while another loads the model). Every import of transformers in dg-edit goes through `api()`.
+_IMPORT_LOCK = threading.Lock()
 
 
 class UnsupportedTransformers(ValueError):
@@ -93,6 +99,16 @@ def check_model_type(model_dir: str | Path) -> None:
             "DiffusionGemma checkpoints (DiffusionGemmaForBlockDiffusion) only")
 
 
+# ------------------------------------------------------------------ imports
+def api() -> ModuleType:
+    """The `transformers` module with the names dg-edit uses resolved, imported under one lock."""
+    with _IMPORT_LOCK:
+        import transformers
+        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
+        from transformers.models.diffusion_gemma import modeling_diffusion_gemma  # noqa: F401
+    return transformers
+
+
 # ------------------------------------------------------------------ what the installed code accepts
 @functools.cache
 def _cache_kw(qualname: str) -> str:
@@ -102,8 +118,7 @@ def _cache_kw(qualname: str) -> str:
     deprecated alias on the `forward` methods only). Looked up in the installed signature
     (`inspect.signature` follows the deprecation wrapper's `__wrapped__`).
     """
-    from transformers.models.diffusion_gemma import modeling_diffusion_gemma as m
-
+    m = api().models.diffusion_gemma.modeling_diffusion_gemma
     owner, _, name = qualname.partition(".")
     fn = getattr(getattr(m, owner), name)
     params = inspect.signature(fn).parameters
@@ -156,9 +171,7 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:  # [B, L, D
 # ------------------------------------------------------------------ caches
 def new_cache(model):
     """An empty encoder KV cache for `model` (a `DynamicCache` sized by the text config)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(config=text_config(model))
+    return api().DynamicCache(config=text_config(model))
 
 
 def cache_from_states(model, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):

@@ -48,7 +48,9 @@ def preload_imports() -> threading.Thread:
 
     def work() -> None:
         import dg_edit.engine  # noqa: F401  (torch)
-        from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+        from dg_edit import hf_adapter
+
+        hf_adapter.api()  # transformers, under the adapter's import lock
 
     thread = threading.Thread(target=work, name="dg-edit-preload", daemon=True)
     thread.start()

@@ -140,11 +140,6 @@ def hook_cache(kwargs: dict[str, Any]):
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def generation_cache(output):
-    """The cache a `generate` output carries: `.cache` since 5.24, `.past_key_values` before."""
-    return getattr(output, "cache", None) if hasattr(output, "cache") else getattr(output, "past_key_values", None)
-
-
 # ------------------------------------------------------------------ modules and dtypes
 def text_config(model):
     """The decoder-side text config, which sizes the KV cache."""

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+# Environment variable holding the service token: `dg-edit serve` requires it, `dg-edit tui --connect` sends it.
+TOKEN_ENV = "DG_EDIT_TOKEN"
+
 # DiffusionGemma generation-config names accepted as `**sampling` everywhere.
 SAMPLING_NAMES = (
     "max_denoising_steps",

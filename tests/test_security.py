@@ -29,7 +29,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request
 
-from dg_edit import http_gate
+from dg_edit.serve import gate as http_gate
 from dg_edit.serve_process import ServeProcess, dg_edit_command
 
 pytestmark = pytest.mark.timeout(300)

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dg_edit import Done, Error, Step, Token
-from dg_edit import protocol
-from dg_edit.outbox import Outbox, OutboxFull
-from dg_edit.protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
+from dg_edit.serve import protocol
+from dg_edit.serve.outbox import Outbox, OutboxFull
+from dg_edit.serve.protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
 
 
 @pytest.fixture(scope="module")

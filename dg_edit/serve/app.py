@@ -3,8 +3,8 @@
 Why a service: web editors (CodeMirror, Monaco, the demo page at `/`) cannot load a model; they open
 `ws://HOST:PORT/ws`, send infill/rewrite requests and watch every denoising step arrive as a frame.
 The protocol is documented in `dg_edit/schema/protocol.schema.json` and implemented in
-`dg_edit.protocol`; who may connect is decided in `dg_edit.http_gate`; how a slow client is kept
-from piling up drafts is `dg_edit.outbox`. This module runs requests:
+`dg_edit.serve.protocol`; who may connect is decided in `dg_edit.serve.gate`; how a slow client is
+kept from piling up drafts is `dg_edit.serve.outbox`. This module runs requests:
 
 - Each request is an asyncio task reading `dg_edit.aio.aiter_events`, so the model runs in a worker
   thread and the event loop only moves frames; requests on one connection run concurrently and the
@@ -34,15 +34,16 @@ from typing import Any, Callable, Iterator, Sequence
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from . import __version__, protocol
-from .aio import aiter_events
-from .config import Settings
-from .events import Done, Step
-from .http_gate import WS_PATH, Gate, check_origin_value, is_loopback, url_host
+from .. import __version__
+from ..aio import aiter_events
+from ..config import TOKEN_ENV, Settings
+from ..events import Done, Step
+from . import protocol
+from .gate import WS_PATH, Gate, check_origin_value, is_loopback, url_host
 from .outbox import Outbox, OutboxFull
 from .protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
 
-log = logging.getLogger("dg_edit.service")
+log = logging.getLogger("dg_edit.serve")
 
 # Worker threads for model streams, shared by all connections. The engine runs one step at a time
 # under its lock, so threads beyond the number of live requests buy nothing; fewer than that would
@@ -60,7 +61,6 @@ SEND_BUFFER_BYTES = 16 * 1024
 # How long a closing handshake may take (websockets' default is 10 s): a client that stopped reading
 # never answers, and shutting down should not wait for it.
 CLOSE_TIMEOUT_S = 3.0
-TOKEN_ENV = "DG_EDIT_TOKEN"
 
 
 class Service:
@@ -301,7 +301,7 @@ class Client:
 
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_arguments
+    from ..cli import add_model_arguments
 
     parser = argparse.ArgumentParser(
         prog="dg-edit serve",
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`dg-edit serve ...`; raises `dg_edit.cli.UsageError` for mistakes (exit code 2 from the CLI)."""
-    from .cli import UsageError, load_engine, settings_from_args
+    from ..cli import UsageError, load_engine, settings_from_args
 
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)  # a bad --config FILE is a UsageError already
@@ -366,6 +366,6 @@ async def _serve_until_stopped(engine, settings, host, port, token, origins) -> 
 
 
 if __name__ == "__main__":
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     sys.exit(cli_main(["serve", *sys.argv[1:]]))

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .events import Done, Error, Step
+from ..events import Done, Error, Step
 
 MAX_ID_CHARS = 128
 

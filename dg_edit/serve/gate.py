@@ -1,56 +1,44 @@
-"""The HTTP side of `dg-edit serve`: who may connect, and the few plain HTTP answers.
+"""Who may talk to `dg-edit serve`: one check in front of every route, HTTP and websocket alike.
 
-Every request, websocket upgrade or not, passes `Gate.check` first (websockets calls it as
-`process_request`):
+Every request passes `Gate.check` first (`GateMiddleware` runs it before any route sees the request):
 
-1. Token. With a token configured, the websocket and /healthz need `Authorization: Bearer T` or
-   `?token=T` (browsers cannot set headers on a websocket); otherwise 401. Compared with
-   `hmac.compare_digest` so the answer time does not leak how much of a guess was right. The page's
-   own static files are public (they hold no secrets, and a browser fetches them without the
-   token); the page reads the token from its own URL (`/?token=T`).
+1. Token. With a token configured, everything but the page's own static files needs
+   `Authorization: Bearer T` (what the OpenAI SDK sends for its `api_key`, and llama.vim for its
+   `api_key`) or `?token=T` (browsers cannot set headers on a websocket); otherwise 401. Compared
+   with `hmac.compare_digest` so the answer time does not leak how much of a guess was right. The
+   page's files are public (they hold no secrets, and a browser fetches them without the token);
+   the page reads the token from its own URL (`/?token=T`).
 2. Host (only without a token). A page the user happens to visit can point its own host name at
    127.0.0.1 (DNS rebinding); refusing unknown `Host` headers stops it reading /healthz or the page.
-3. Origin, on the websocket endpoint only. Browsers always send `Origin`; the server's own page, the
-   `--allow-origin` list, and clients without an `Origin` header (scripts, editors: they are not a
-   web page the user happens to visit) are allowed; anything else gets 403.
+3. Origin, on everything but the static files. Browsers always send `Origin` on websockets and
+   cross-site POSTs; the server's own page, the `--allow-origin` list, and clients without an
+   `Origin` header (scripts, editors: they are not a web page the user happens to visit) are
+   allowed; anything else gets 403, so a page on the web can neither drive the model through the
+   websocket nor through the HTTP API.
 
-Then `GET /` serves the demo page (with a Content-Security-Policy that only allows the page's own
-scripts and its websocket), `GET /healthz` the service's JSON status, and `/ws` goes on to the
-websocket handshake.
+A refusal is a `Refusal` (status, message, headers); `GateMiddleware` renders it in the shape the
+route's clients understand (`render_refusal`: OpenAI's error object under /v1, llama.cpp's under
+its routes, plain text elsewhere) and, for a websocket, as the HTTP answer to its handshake.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hmac
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from importlib import resources
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.datastructures import Headers, MultipleValuesError
-from websockets.http11 import Request, Response
+from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 WS_PATH = "/ws"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _HOST_HEADER = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".json": "application/json",
-}
-
-
-def web_dir() -> Path:
-    """The demo page's files (package data `dg_edit/web/*`)."""
-    return Path(str(resources.files("dg_edit"))) / "web"
 
 
 def is_loopback(host: str) -> bool:
@@ -84,64 +72,56 @@ def _split_host_header(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is not served: an HTTP status, a message for people, extra response headers."""
+
+    status: HTTPStatus
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def status_code(self) -> int:
+        return self.status.value
+
+
 @dataclass
 class Gate:
-    """Decides, for each HTTP request, between an answer (page, status, 401/403/404) and the handshake."""
+    """Decides, for each request, between a `Refusal` and letting it through to its route."""
 
     host: str
     token: str | None = None
     allowed_origins: frozenset[str] = frozenset()
-    health: Callable[[], dict[str, Any]] = dict
-    files: dict[str, Path] = field(default_factory=dict)
+    public_paths: frozenset[str] = frozenset()  # the page's static files
 
-    def __post_init__(self) -> None:
-        if not self.files:
-            root = web_dir()
-            self.files = {f"/{p.name}": p for p in root.iterdir() if p.suffix in _CONTENT_TYPES}
-            if "/index.html" in self.files:
-                self.files["/"] = self.files["/index.html"]
-
-    # websockets' process_request hook
-    def check(self, connection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        try:
-            host_header = request.headers.get("Host", "")
-            origin = request.headers.get("Origin")
-        except MultipleValuesError:
-            return _text(HTTPStatus.BAD_REQUEST, "repeated Host or Origin header\n")
+    def check(self, connection: HTTPConnection) -> Refusal | None:
+        headers = connection.headers
+        host_values, origin_values = headers.getlist("host"), headers.getlist("origin")
+        if len(host_values) > 1 or len(origin_values) > 1:
+            return Refusal(HTTPStatus.BAD_REQUEST, "repeated Host or Origin header")
+        host_header = host_values[0] if host_values else ""
+        origin = origin_values[0] if origin_values else None
         if not _HOST_HEADER.fullmatch(host_header):
-            return _text(HTTPStatus.BAD_REQUEST, "missing or malformed Host header\n")
-        static = self.files.get(url.path)  # the page's own files: public, no secrets in them
-        if self.token is not None and static is None and not self._token_ok(request.headers, url.query):
-            response = _text(HTTPStatus.UNAUTHORIZED,
-                             "this dg-edit service needs a token: send 'Authorization: Bearer <token>' "
-                             "or add ?token=<token> to the URL\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="dg-edit"'
-            return response
+            return Refusal(HTTPStatus.BAD_REQUEST, "missing or malformed Host header")
+        public = connection.url.path in self.public_paths
+        if self.token is not None and not public and not self._token_ok(headers, connection.url.query):
+            return Refusal(HTTPStatus.UNAUTHORIZED,
+                           "this dg-edit service needs a token: send 'Authorization: Bearer <token>' (the "
+                           "api_key of OpenAI clients) or add ?token=<token> to the URL",
+                           {"WWW-Authenticate": 'Bearer realm="dg-edit"'})
         if self.token is None and not self._host_ok(host_header):
-            return _text(HTTPStatus.FORBIDDEN, f"unexpected Host header {host_header!r}: "
-                                               "use the address the service printed when it started\n")
-        if url.path == WS_PATH:
-            if origin is not None and not self._origin_ok(origin, host_header):
-                return _text(HTTPStatus.FORBIDDEN,
-                             f"origin {origin!r} is not allowed; start the service with --allow-origin {origin}\n")
-            return None  # go on with the websocket handshake
-        if url.path == "/healthz":
-            return _respond(HTTPStatus.OK, json.dumps(self.health()).encode(), "application/json")
-        path = static
-        if path is None:
-            return _text(HTTPStatus.NOT_FOUND, f"not found: {url.path} (the page is at /, the websocket at "
-                                               f"{WS_PATH})\n")
-        response = _respond(HTTPStatus.OK, path.read_bytes(), _CONTENT_TYPES[path.suffix])
-        if path.suffix == ".html":
-            response.headers["Content-Security-Policy"] = self._csp(host_header)
-        return response
+            return Refusal(HTTPStatus.FORBIDDEN, f"unexpected Host header {host_header!r}: "
+                                                 "use the address the service printed when it started")
+        if not public and origin is not None and not self._origin_ok(origin, host_header):
+            return Refusal(HTTPStatus.FORBIDDEN,
+                           f"origin {origin!r} is not allowed; start the service with --allow-origin {origin}")
+        return None
 
     def _token_ok(self, headers: Headers, query: str) -> bool:
         assert self.token is not None
         expected = self.token.encode()
         offered = []
-        for value in headers.get_all("Authorization"):
+        for value in headers.getlist("authorization"):
             scheme, _, credentials = value.partition(" ")
             if scheme.lower() == "bearer":
                 offered.append(credentials.strip())
@@ -160,24 +140,45 @@ class Gate:
         own = {f"http://{host_header.lower()}", f"https://{host_header.lower()}"}
         return origin in own or origin in self.allowed_origins
 
-    def _csp(self, host_header: str) -> str:
-        return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                f"connect-src 'self' ws://{host_header} wss://{host_header}; base-uri 'none'; form-action 'none'; "
-                "frame-ancestors 'none'")
+
+# Renders a refusal for the route it was meant for (path -> response); see dg_edit.serve.errors.
+RefusalRenderer = Callable[[str, Refusal], Response]
 
 
-def _respond(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([
-        ("Date", email.utils.formatdate(usegmt=True)),
-        ("Connection", "close"),
-        ("Content-Length", str(len(body))),
-        ("Content-Type", content_type),
-        ("Cache-Control", "no-store"),
-        ("X-Content-Type-Options", "nosniff"),
-        ("Referrer-Policy", "no-referrer"),  # the page URL may carry ?token=
-    ])
-    return Response(status.value, status.phrase, headers, body)
+class GateMiddleware:
+    """ASGI middleware: `Gate.check` before every HTTP request and websocket handshake."""
+
+    def __init__(self, app: ASGIApp, gate: Gate, render: RefusalRenderer):
+        self.app = app
+        self.gate = gate
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        refusal = self.gate.check(HTTPConnection(scope))
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        response = self.render(scope["path"], refusal)
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+        else:
+            await deny_websocket(scope, receive, send, response)
 
 
-def _text(status: HTTPStatus, text: str) -> Response:
-    return _respond(status, text.encode(), "text/plain; charset=utf-8")
+async def deny_websocket(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Answer a websocket handshake with a plain HTTP response (ASGI's websocket.http.response)."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": response.status_code,
+                    "headers": response.raw_headers})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:  # a server without the extension can only say 403
+        await send({"type": "websocket.close", "code": 1008})
+
+
+def plain_refusal(refusal: Refusal) -> Response:
+    """A refusal as text/plain (the page, /healthz and the websocket: what they always answered)."""
+    return Response(refusal.message + "\n", refusal.status_code, refusal.headers, media_type="text/plain; charset=utf-8")

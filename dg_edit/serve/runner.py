@@ -31,6 +31,7 @@ class Job:
     seed: int | None = None
     session: str | None = None  # prefix-cache key, already scoped by the caller
     single_line: bool | None = None  # infill; None: the engine decides from the cursor's line
+    extra: tuple[str, ...] = ()  # chunks of other files (dg_edit.extra), ahead of the prefix
     sampling: Mapping[str, Any] = field(default_factory=dict)  # SamplingConfig overrides
 
 
@@ -38,9 +39,10 @@ def job_events(engine, job: Job) -> Callable[[], Iterator[Step | Done]]:
     """A callable that starts the job's engine stream (called in a model worker thread)."""
     if job.kind == "infill":
         return lambda: engine.stream(job.prefix, job.suffix, max_new_tokens=job.max_new_tokens, seed=job.seed,
-                                     session=job.session, single_line=job.single_line, **job.sampling)
+                                     session=job.session, single_line=job.single_line, extra=job.extra,
+                                     **job.sampling)
     return lambda: engine.stream_rewrite(job.prefix, job.selection, job.suffix, instruction=job.instruction,
-                                         strength=job.strength, seed=job.seed, session=job.session,
+                                         strength=job.strength, seed=job.seed, session=job.session, extra=job.extra,
                                          **job.sampling)
 
 

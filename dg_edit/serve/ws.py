@@ -165,9 +165,10 @@ class Client:
             self._sessions.add(session)
         if isinstance(request, InfillRequest):
             return Job("infill", request.prefix, request.suffix, max_new_tokens=request.max_new_tokens,
-                       seed=request.seed, session=session, single_line=request.single_line)
+                       seed=request.seed, session=session, single_line=request.single_line, extra=request.extra)
         return Job("rewrite", request.prefix, request.suffix, selection=request.selection,
-                   instruction=request.instruction, strength=request.strength, seed=request.seed, session=session)
+                   instruction=request.instruction, strength=request.strength, seed=request.seed, session=session,
+                   extra=request.extra)
 
     # ------------------------------------------------------------------ outgoing frames
     def _put_final(self, frame: str) -> None:

@@ -1,13 +1,17 @@
-"""`dg-edit serve`: one port for web editors (websocket, step by step) and the demo page at `/`.
+"""`dg-edit serve`: one port for web editors (websocket, step by step), the editor tools that speak
+OpenAI's or llama.cpp's HTTP APIs, and the demo page at `/`.
 
 Why a service: web editors (CodeMirror, Monaco, the demo page) cannot load a model; they open
 `ws://HOST:PORT/ws`, send infill/rewrite requests and watch every denoising step arrive as a frame
-(`ws.py`; the protocol is `protocol.py`, documented in `dg_edit/schema/protocol.schema.json`). Who
-may connect is decided in `gate.py`, in front of every route; `transport.py` puts HTTP and
-websockets on one port (uvicorn, with the `websockets` library's protocol for `/ws`); every route
-reaches the engine through `runner.py`.
+(`ws.py`; the protocol is `protocol.py`, documented in `dg_edit/schema/protocol.schema.json`).
+Editor plug-ins built for local models (llama.vim, Continue, minuet-ai.nvim, ...) call
+`/infill`, `/v1/completions` and `/v1/chat/completions` (`http_api.py`, `openai_api.py`,
+`llama_api.py`). Who may connect is decided in `gate.py`, in front of every route; `transport.py`
+puts HTTP and websockets on one port (uvicorn, with the `websockets` library's protocol for `/ws`);
+every route reaches the engine through `runner.py`.
 
-`Service` holds what every connection shares: the engine, the model worker threads, the limits.
+`Service` holds what every connection shares: the engine (None while it loads: the routes answer
+503 meanwhile), the model worker threads, the limits.
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .. import __version__
 from ..config import TOKEN_ENV, Settings
-from .gate import WS_PATH, Gate, GateMiddleware, Refusal, check_origin_value, is_loopback, plain_refusal, url_host
+from .errors import render_refusal
+from .gate import WS_PATH, Gate, GateMiddleware, check_origin_value, deny_websocket, is_loopback, url_host
+from .http_api import HttpApi
 from .page import Page
 from .transport import listen, make_server
 from .ws import Client
@@ -52,9 +60,11 @@ MAX_INFLIGHT_TOTAL = MODEL_THREADS
 class Service:
     """One engine served on one port; holds what every connection shares."""
 
-    def __init__(self, engine, settings: Settings | None = None, *, host: str | None = None,
+    def __init__(self, engine=None, settings: Settings | None = None, *, host: str | None = None,
                  port: int | None = None, token: str | None = None, allowed_origins: Sequence[str] = ()):
-        self.engine = engine
+        if engine is None and settings is None:
+            raise ValueError("a Service without an engine (yet) needs its settings")
+        self.engine = None
         self.settings = settings or engine.settings
         self.host = host if host is not None else self.settings.host
         self.port = port if port is not None else self.settings.port
@@ -64,35 +74,49 @@ class Service:
         self._numbers = itertools.count(1)
         self._coalesced_closed = 0  # drafts coalesced on connections that have closed since
         self._started = time.monotonic()
-        info = engine.info()
-        self._model = {k: info.get(k) for k in ("model", "device", "dtype", "parameters", "canvas_length")}
+        self.started_at = time.time()
+        self.model_info: dict[str, Any] = {}
+        self.model_id = ""
         self.page = Page()
-        self.gate = Gate(host=self.host, token=self.token,
-                         allowed_origins=frozenset(check_origin_value(o) for o in allowed_origins),
-                         public_paths=frozenset(self.page.files))
+        self.http = HttpApi(self)
+        self.allowed_origins = frozenset(check_origin_value(o) for o in allowed_origins)
+        self.gate = Gate(host=self.host, token=self.token, allowed_origins=self.allowed_origins,
+                         # the page's files, and llama.cpp's health check (public there too)
+                         public_paths=frozenset({*self.page.files, "/health", "/v1/health"}))
         self.app = self._build_app()
+        if engine is not None:
+            self.set_engine(engine)
         self._sockets: list = []
         self._server = None
         self._serving: asyncio.Task | None = None
+
+    def set_engine(self, engine) -> None:
+        """The model is loaded: from now on every route serves it."""
+        info = engine.info()
+        self.model_info = {k: info.get(k) for k in ("model", "device", "dtype", "parameters", "canvas_length")}
+        self.model_id = Path(str(info.get("model") or "dg-edit")).name  # the directory name, e.g. "default"
+        self.engine = engine
 
     def _build_app(self) -> Starlette:
         routes = [
             WebSocketRoute(WS_PATH, self._websocket),
             Route("/healthz", self._healthz),
+            *self.http.routes(),
             Route("/{path:path}", self.page.respond),
         ]
-        return Starlette(routes=routes, middleware=[Middleware(GateMiddleware, gate=self.gate, render=self.render_refusal)])
-
-    def render_refusal(self, path: str, refusal: Refusal) -> Response:
-        """A gate refusal in the shape the route's clients understand."""
-        return plain_refusal(refusal)
+        middleware = [Middleware(GateMiddleware, gate=self.gate, render=render_refusal)]
+        if self.allowed_origins:  # pages of these origins may also call the HTTP APIs from a browser
+            middleware.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(self.allowed_origins),
+                                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                            max_age=600))
+        return Starlette(routes=routes, middleware=middleware)
 
     def health(self) -> dict[str, Any]:
         """GET /healthz: what is loaded, and how busy the service is."""
         return {
-            "status": "ok",
+            "status": "ok" if self.engine is not None else "loading",
             "version": __version__,
-            **self._model,
+            **self.model_info,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "connections": len(self.clients),
             "inflight": self.inflight(),
@@ -102,20 +126,24 @@ class Service:
 
     def inflight(self) -> int:
         """Engine streams running now, on every connection and route."""
-        return sum(len(c.inflight) for c in self.clients)
+        return sum(len(c.inflight) for c in self.clients) + self.http.inflight()
 
-    def service_busy(self) -> str | None:
-        """Why a new engine stream cannot start now (every model thread taken), or None."""
+    def service_busy(self, n: int = 1) -> str | None:
+        """Why `n` new engine streams cannot start now (every model thread taken), or None."""
         running = self.inflight()
-        if running >= MAX_INFLIGHT_TOTAL:
+        if running + n > MAX_INFLIGHT_TOTAL:
             return (f"{running} requests are running on this service (at most {MAX_INFLIGHT_TOTAL} at once); try "
                     "again when one has finished")
         return None
 
     async def _healthz(self, request: Request) -> Response:
-        return JSONResponse(self.health())
+        return JSONResponse(self.health(), 200 if self.engine is not None else 503)
 
     async def _websocket(self, websocket: WebSocket) -> None:
+        if self.engine is None:
+            await deny_websocket(websocket.scope, websocket.receive, websocket.send, PlainTextResponse(
+                "the model is still loading; connect again in a few seconds\n", 503, headers={"Retry-After": "5"}))
+            return
         client = Client(self, websocket, next(self._numbers))
         self.clients.add(client)
         try:
@@ -166,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dg-edit serve",
-        description="Websocket service streaming the canvas to web editors; the demo page is at /.")
+        description="One port for web editors (websocket /ws, the demo page at /) and editor tools that speak "
+                    "OpenAI's API (/v1/completions, /v1/chat/completions) or llama.cpp's (/infill).")
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: Settings.host, 127.0.0.1); a non-loopback "
                              "address needs a token")
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=None,
                         help=f"require this token (Authorization: Bearer T, or ?token=T); default: ${TOKEN_ENV}")
     parser.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
-                        help="also accept websocket connections from pages of this origin, e.g. "
+                        help="also accept websocket connections and API calls from pages of this origin, e.g. "
                              "http://localhost:5173 (repeatable); the service's own page is always allowed")
     add_model_arguments(parser)
     return parser
@@ -202,26 +231,38 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="dg-edit serve: %(message)s")
     logging.getLogger("uvicorn").setLevel(logging.WARNING)  # its start/stop chatter; errors still show
-    engine = load_engine(args)
     try:
-        return asyncio.run(_serve_until_stopped(engine, settings, host, port, token, origins))
+        return asyncio.run(_serve_until_stopped(lambda: load_engine(args), settings, host, port, token, origins))
     except OSError as e:  # address in use, permission denied, ...
         raise UsageError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}") from None
 
 
-async def _serve_until_stopped(engine, settings, host, port, token, origins) -> int:
-    service = Service(engine, settings, host=host, port=port, token=token, allowed_origins=origins)
-    stop = asyncio.get_running_loop().create_future()
+async def _serve_until_stopped(load, settings, host, port, token, origins) -> int:
+    """Listen at once (the routes answer 503 while the model loads), load, serve until SIGINT/SIGTERM.
+
+    The "listening on" line is printed once the model is loaded: scripts (and tests) that wait for
+    it get a service that answers.
+    """
+    loop = asyncio.get_running_loop()
+    service = Service(None, settings, host=host, port=port, token=token, allowed_origins=origins)
+    stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     async with service:
         bound_host, bound_port = service.address
         base = f"http://{url_host(bound_host)}:{bound_port}"
-        hint = f"  (open {base}/?token=<token>)" if token else ""
-        info = service.health()
-        print(f"dg-edit serve: listening on {base}/ and ws://{url_host(bound_host)}:{bound_port}{WS_PATH}{hint}; "
-              f"model {info['model']} on {info['device']}", file=sys.stderr, flush=True)
-        await stop
+        print(f"dg-edit serve: loading the model; bound to {base}/ (requests get 503 until it is loaded)",
+              file=sys.stderr, flush=True)
+        loading = loop.run_in_executor(None, load)  # a bad model directory is a UsageError from here
+        await asyncio.wait({loading, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.done():
+            service.set_engine(loading.result())
+            hint = f"  (open {base}/?token=<token>)" if token else ""
+            info = service.health()
+            print(f"dg-edit serve: listening on {base}/ and ws://{url_host(bound_host)}:{bound_port}{WS_PATH}{hint} "
+                  f"(OpenAI API at {base}/v1, llama.cpp /infill at {base}/infill); model {info['model']} on "
+                  f"{info['device']}", file=sys.stderr, flush=True)
+            await stop
     print("dg-edit serve: stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -361,6 +361,8 @@ class Engine:
             if not chunk or len(chunk) > (budget - used) * 16:
                 break
             ids = tok.encode(chunk, add_special_tokens=False)
+            if any(t >= self.vocab_size for t in ids):
+                continue  # context is optional: a chunk the model cannot read (tokenizer past its table) is left out
             if used + len(ids) > budget:
                 break
             taken.append(ids)

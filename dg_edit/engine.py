@@ -300,7 +300,7 @@ class Engine:
                              f"{type(extra).__name__ if isinstance(extra, str) else 'a list with non-text items'}")
         for i, chunk in enumerate(extra):
             _check_text(f"extra[{i}]", chunk)
-        if not prefix and not suffix and not instruction:
+        if not prefix and not suffix and not instruction and not any(extra):
             raise ValueError("prefix and suffix are both empty: nothing to condition the infill on")
         if single_line is not None and not isinstance(single_line, bool):
             raise ValueError(f"single_line must be true, false or None (decided by the cursor's line), "

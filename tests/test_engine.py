@@ -268,6 +268,8 @@ def test_extra_chunks_go_ahead_of_the_prefix_within_their_budget():
     alone = engine.last_prefix_len
     engine.infill("x = ", "\n", max_new_tokens=4, seed=0, extra=chunks)
     assert engine.last_prefix_len == alone + sizes[1] + sizes[2]
+    # Chunks alone condition an infill (llama.vim's warm-up requests send nothing else).
+    assert isinstance(engine.infill("", "", max_new_tokens=2, seed=0, extra=chunks).text, str)
     # Without a budget, chunks change nothing at all.
     off = Engine(model, tok, settings=Settings(max_extra_tokens=0))
     assert off.infill("x = ", "\n", max_new_tokens=4, seed=3, extra=chunks) == \

@@ -130,9 +130,9 @@ class Settings:
     | max_extra_tokens | 1024 | chunks of other files ahead of the prefix (llama.cpp's input_extra, the LSP's other open documents); 0 = none |
     | prefix_chunk | 64 | encoder chunk (absolute positions) for bitwise-identical prefix-cache reuse |
     | debounce_ms | 150 | editor plug-ins wait this long after a keystroke |
-    | host / port | 127.0.0.1 / 8765 | websocket service address |
-    | max_message_bytes | 1 MiB | largest websocket frame accepted |
-    | max_inflight | 4 | concurrent requests per websocket connection |
+    | host / port | 127.0.0.1 / 8765 | `dg-edit serve` address (websocket and HTTP APIs) |
+    | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
+    | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
     | sampling | {} | overrides of SamplingConfig names |
     """

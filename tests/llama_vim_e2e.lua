@@ -2,7 +2,7 @@
 --
 -- Run by tests/test_llama_vim.py as
 --   nvim --headless --clean -c "luafile tests/llama_vim_e2e.lua"
--- with LLAMA_VIM_E2E = JSON {plugin, endpoint, other, main, row, out}. It does what a person does:
+-- with LLAMA_VIM_E2E = JSON {plugin, harness, endpoint, other, main, row, out}. It does what a person does:
 -- visits and saves another file (llama.vim picks chunks of it for its ring, sent as input_extra),
 -- opens the main file, goes to the end of a line in insert mode, presses <C-F> (llama.vim's manual
 -- trigger), waits for the ghost text, presses <Tab> to accept it. Keys go through typeahead, so
@@ -23,34 +23,8 @@ local function finish(err)
   vim.cmd("qall!")
 end
 
-local co
-local function sleep(ms)
-  vim.defer_fn(function()
-    local ok, err = coroutine.resume(co)
-    if not ok then
-      finish(err)
-    end
-  end, ms)
-  coroutine.yield()
-end
-
-local function wait_for(what, timeout, cond)
-  local deadline = vim.uv.now() + timeout
-  while true do
-    local value = cond()
-    if value then
-      return value
-    end
-    if vim.uv.now() > deadline then
-      error("timed out waiting for " .. what, 2)
-    end
-    sleep(20)
-  end
-end
-
-local function type_keys(keys)
-  vim.api.nvim_feedkeys(vim.keycode(keys), "mt", false)
-end
+local harness = dofile(spec.harness)
+local sleep, wait_for, type_keys = harness.sleep, harness.wait_for, harness.type_keys
 
 --- llama.vim's ghost text: the extmarks in its namespace, as text (first line, then virtual lines).
 local function ghost()
@@ -82,7 +56,7 @@ vim.g.llama_config = {
 }
 vim.opt.runtimepath:prepend(spec.plugin)
 
-co = coroutine.create(function()
+harness.run(function()
   vim.fn["llama#init"]()
   -- Another file, visited and saved: llama.vim queues chunks of it for its ring, and in normal mode
   -- its ring update moves them in (and warms the server up with them).
@@ -115,9 +89,4 @@ co = coroutine.create(function()
   type_keys("<Esc>")
   sleep(50)
   finish()
-end)
-
-local ok, err = coroutine.resume(co)
-if not ok then
-  finish(err)
-end
+end, finish)

@@ -25,6 +25,7 @@ from dg_edit.serve_process import ServeProcess
 from editor_tools import INSTALL, REPO, editor_tools
 
 SCRIPT = REPO / "tests" / "llama_vim_e2e.lua"
+HARNESS = REPO / "editors" / "nvim" / "tests" / "harness.lua"  # coroutine helpers, shared with the plug-in's e2e
 OTHER = "RATE = 0.25\nLIMIT = 100\n\n\ndef clamp(value):\n    return max(0, min(value, LIMIT))\n"
 MAIN = "import math\n\n\ndef area(radius):\n    return\n\n\nprint(area(2.0))\n"
 ROW = 5  # 1-based: "    return", the cursor goes to its end
@@ -89,7 +90,7 @@ def test_llama_vim_completes_through_infill_with_its_ring_of_chunks(llama_vim, m
     main.write_text(MAIN)
     out = tmp_path / "observed.json"
     with ServeProcess(["--model", str(model_dir)]) as service, Recorder(service.url) as recorder:
-        spec = {"plugin": str(plugin), "endpoint": recorder.url + "/infill", "other": str(other),
+        spec = {"plugin": str(plugin), "harness": str(HARNESS), "endpoint": recorder.url + "/infill", "other": str(other),
                 "main": str(main), "row": ROW, "out": str(out)}
         env = {**os.environ, "LLAMA_VIM_E2E": json.dumps(spec), "XDG_STATE_HOME": str(tmp_path / "state")}
         run = subprocess.run([nvim, "--headless", "--clean", "-c", f"luafile {SCRIPT}"], cwd=tmp_path, env=env,

@@ -336,8 +336,7 @@ class HttpApi:
                 outcomes = await _race(run.collect(first), watcher)
             usage = await self._usage(call, outcomes)
             if call.stream:  # an empty stream: no engine call was needed
-                handed_over = True
-                return StreamingResponse(self._sse_empty(call, usage, client), media_type="text/event-stream")
+                return StreamingResponse(self._sse_empty(call, usage), media_type="text/event-stream")
             return JSONResponse(call.format.response(outcomes, usage))
         except ApiError as e:
             return error_response(e, call.format.api)
@@ -370,34 +369,20 @@ class HttpApi:
                         for chunk in fmt.stream_end(value, None):
                             yield _event(chunk)
                 item = await run.next() if len(outcomes) < len(call.jobs) else None
-            usage = await self._usage(call, outcomes)
-            for chunk in fmt.stream_end(outcomes[-1], usage):
-                yield _event(chunk)
-            tail = fmt.stream_usage(usage)
-            if tail is not None:
-                yield _event(tail)
-            if fmt.done_marker:
-                yield "data: [DONE]\n\n"
+            for event in _stream_tail(fmt, outcomes[-1], await self._usage(call, outcomes)):
+                yield event
         except ApiError as e:
             yield _event(error_body(e, fmt.api))  # both SDK families read an error object from data
         finally:
             run.close()  # no await: this may run while the response task is being cancelled
             self._release(client, len(call.jobs))
 
-    async def _sse_empty(self, call: Call, usage: Usage, client: str) -> AsyncIterator[str]:
-        fmt = call.format
-        try:
-            for chunk in fmt.stream_start():
-                yield _event(chunk)
-            for chunk in fmt.stream_end(Outcome(0, "", "length"), usage):
-                yield _event(chunk)
-            tail = fmt.stream_usage(usage)
-            if tail is not None:
-                yield _event(tail)
-            if fmt.done_marker:
-                yield "data: [DONE]\n\n"
-        finally:
-            self._release(client, 0)
+    async def _sse_empty(self, call: Call, usage: Usage) -> AsyncIterator[str]:
+        """The stream of a call that needed no engine (nothing to generate)."""
+        for chunk in call.format.stream_start():
+            yield _event(chunk)
+        for event in _stream_tail(call.format, Outcome(0, "", "length"), usage):
+            yield event
 
     async def _usage(self, call: Call, outcomes: Sequence[Outcome]) -> Usage:
         completion = sum(len(o.done.ids) if o.done is not None else 0 for o in outcomes)
@@ -504,6 +489,17 @@ async def _race(work, watcher: asyncio.Future):
         return task.result()
     task.cancel()
     raise _Gone()
+
+
+def _stream_tail(fmt: Format, last: Outcome, usage: Usage) -> list[str]:
+    """The end of a stream: the last choice's finish, usage (when asked for), `[DONE]` (OpenAI)."""
+    events = [_event(chunk) for chunk in fmt.stream_end(last, usage)]
+    tail = fmt.stream_usage(usage)
+    if tail is not None:
+        events.append(_event(tail))
+    if fmt.done_marker:
+        events.append("data: [DONE]\n\n")
+    return events
 
 
 def _event(data: dict, name: str | None = None) -> str:

@@ -141,6 +141,7 @@ def _fields(data: Any, known: Sequence[str], route: str) -> Fields:
 
 
 def _common(body: Fields, service: "Service", client: str, n: int) -> _Common:
+    body.get("model", (str,), None)  # one model is served: any name is accepted, but it is a name
     seed = body.get("seed", (int,), None)
     if seed is not None and not (0 <= seed and seed + n - 1 < 2 ** 64):
         raise bad_value("seed", f"seed must be an integer in [0, 2**64 - n), got {seed}")

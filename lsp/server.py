@@ -77,7 +77,8 @@ Configuration: initializationOptions / workspace/didChangeConfiguration
 Keys of dg_edit.config.Settings, flat or under "dgEdit" (unknown keys → error message, ignored):
     model (str, "" = embedded), max_new_tokens (48), single_line_tokens (32, when the cursor's line has
     text), candidates (3), languages (["*"] or languageIds),
-    max_prefix_tokens (2048), max_suffix_tokens (512), suffix_head_tokens (16), debounce_ms (150,
+    max_prefix_tokens (2048), max_suffix_tokens (512), suffix_head_tokens (16), max_extra_tokens (1024,
+    chunks of the other open documents ahead of the prefix; 0 = none), debounce_ms (150,
     for plug-ins), sampling ({...}) — and sampling names at the top level, e.g.
     max_denoising_steps, t_min, t_max, entropy_bound; request_timeout_s (60). A changed `model`
     reloads the engine. Each didChangeConfiguration replaces the previous one (applied on top of the

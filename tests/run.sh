@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 end=newest
 if [ "${1:-}" = "--oldest" ]; then end=oldest; shift; fi
 # At the oldest end, the tests that exercise the pinned libraries: transformers and torch (engine,
-# CLI, training), pygls/lsprotocol (language server), websockets (service), textual (TUI).
+# CLI, training), pygls/lsprotocol (language server), websockets, starlette, uvicorn (service), textual (TUI).
 OLDEST_TESTS=(tests/test_install.py tests/test_engine.py tests/test_sampler.py tests/test_cli.py tests/test_train.py
-              tests/test_lsp.py tests/test_lsp_units.py tests/test_service_protocol.py tests/test_service.py
+              tests/test_lsp.py tests/test_lsp_units.py tests/test_service_protocol.py tests/test_service.py tests/test_http_api.py
               tests/test_tui_parts.py tests/test_tui.py)
 
 need_apt=()
@@ -41,7 +41,7 @@ fi
 "$PY" -m pip install "${pip_args[@]}"
 echo "[tests/run.sh] $end end, fresh venv $VENV:" \
   "$("$PY" -m pip list --disable-pip-version-check 2>/dev/null \
-     | awk 'tolower($1) ~ /^(torch|transformers|tokenizers|pygls|lsprotocol|websockets|textual|accelerate)$/ {printf "%s %s, ", $1, $2}')"
+     | awk 'tolower($1) ~ /^(torch|transformers|tokenizers|pygls|lsprotocol|websockets|textual|accelerate|starlette|uvicorn)$/ {printf "%s %s, ", $1, $2}')"
 
 if [ -x editors/install-test-deps.sh ]; then
   PYTHON="$PY" editors/install-test-deps.sh

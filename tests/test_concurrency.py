@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from dg_edit.serve_process import ServeProcess
-from dg_edit.service import MAX_INFLIGHT_TOTAL
+from dg_edit.serve.app import MAX_INFLIGHT_TOTAL
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.asyncio(loop_scope="module")]
 

@@ -8,6 +8,7 @@ import torch
 from dg_edit import Done, Engine, SamplingConfig, Step
 from dg_edit.canvas import candidate_lengths
 from dg_edit.config import Settings
+from dg_edit.extra import extra_chunk
 from dg_edit.testing import tiny_model, tiny_pair
 
 
@@ -256,6 +257,47 @@ def test_prefix_cache_identical_results_and_reencodes_only_the_tail():
     assert warm2 == Engine(model, tok).infill(edited, "\n", max_new_tokens=8, seed=3, session="doc")
 
 
+def test_extra_chunks_go_ahead_of_the_prefix_within_their_budget():
+    model, tok = tiny_pair(seed=7, canvas_length=32)
+    chunk_ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    chunks = [extra_chunk(f"def helper_{i}(x):\n    return x * {i}\n", f"lib/h{i}.py") for i in range(3)]
+    sizes = [len(chunk_ids(c)) for c in chunks]
+    # A budget for the last two chunks only: whole chunks, the last ones kept, in their order.
+    engine = Engine(model, tok, settings=Settings(max_extra_tokens=sizes[1] + sizes[2] + 1))
+    engine.infill("x = ", "\n", max_new_tokens=4, seed=0)
+    alone = engine.last_prefix_len
+    engine.infill("x = ", "\n", max_new_tokens=4, seed=0, extra=chunks)
+    assert engine.last_prefix_len == alone + sizes[1] + sizes[2]
+    # Chunks alone condition an infill (llama.vim's warm-up requests send nothing else).
+    assert isinstance(engine.infill("", "", max_new_tokens=2, seed=0, extra=chunks).text, str)
+    # Without a budget, chunks change nothing at all.
+    off = Engine(model, tok, settings=Settings(max_extra_tokens=0))
+    assert off.infill("x = ", "\n", max_new_tokens=4, seed=3, extra=chunks) == \
+        off.infill("x = ", "\n", max_new_tokens=4, seed=3)
+    # The chunks condition the answer: the same seed with and without them differs somewhere.
+    with_extra = [engine.infill("x = ", "\n", max_new_tokens=8, seed=s, extra=chunks).ids for s in range(4)]
+    without = [engine.infill("x = ", "\n", max_new_tokens=8, seed=s).ids for s in range(4)]
+    assert with_extra != without
+
+
+def test_unchanged_extra_chunks_are_reused_from_the_prefix_cache():
+    """llama.vim sends the same ring of chunks on every keystroke: only the typed tail is encoded again."""
+    model, tok = tiny_pair(seed=7, canvas_length=32, sliding_window=32)
+    engine = Engine(model, tok)
+    chunks = [extra_chunk("".join(f"CONST_{i} = {i}\n" for i in range(40)), "consts.py")]
+    base = "".join(f"value_{i} = compute({i})\n" for i in range(10))
+    engine.infill(base, "\n", max_new_tokens=8, seed=1, session="doc", extra=chunks)
+    typed = base + "result = val"
+    warm = engine.infill(typed, "\n", max_new_tokens=8, seed=2, session="doc", extra=chunks)
+    assert engine.last_encoded < 0.3 * engine.last_prefix_len
+    assert warm == Engine(model, tok).infill(typed, "\n", max_new_tokens=8, seed=2, session="doc", extra=chunks)
+    # A changed chunk is encoded again (and the answer is the uncached one).
+    changed = [chunks[0].replace("CONST_3 ", "RENAMED_3 ")]
+    again = engine.infill(typed, "\n", max_new_tokens=8, seed=2, session="doc", extra=changed)
+    assert engine.last_encoded > 0.5 * engine.last_prefix_len
+    assert again == Engine(model, tok).infill(typed, "\n", max_new_tokens=8, seed=2, session="doc", extra=changed)
+
+
 def test_long_prefix_is_windowed_on_the_left():
     model, tok = tiny_pair(seed=8, canvas_length=32)
     engine = Engine(model, tok)
@@ -318,6 +360,9 @@ def test_mask_noise_never_changes_an_unmasked_token():
         (lambda e: e.infill_ids([]), "empty"),
         (lambda e: e.infill_ids([10 ** 9]), "token ids"),
         (lambda e: e.rewrite("a", "b", "c", strength=2), "strength"),
+        (lambda e: e.infill("x", extra="one chunk, not a list"), "extra must be a list"),
+        (lambda e: e.infill("x", extra=[b"bytes"]), "extra must be a list"),
+        (lambda e: e.rewrite("a", "b", "c", extra=["bad \udc80"]), "extra\\[0\\] is not valid UTF-8"),
     ],
 )
 def test_bad_input_gets_clear_value_error(call, message):

@@ -193,8 +193,10 @@ class Lsp:
         await self.client.start_io(sys.executable, "-m", "dg_edit.lsp.server", "--model", str(model_dir),
                                    "--log-file", str(log_file), env=env)
         caps = t.ClientCapabilities(workspace=t.WorkspaceClientCapabilities(apply_edit=True))
+        # No context from other open documents (max_extra_tokens 0): with it, the marked document's
+        # text would be in every request's prompt, and the fault marks requests by their prompt.
         await asyncio.wait_for(self.client.initialize_async(t.InitializeParams(
-            capabilities=caps, initialization_options={"max_new_tokens": 16})), 60)
+            capabilities=caps, initialization_options={"max_new_tokens": 16, "max_extra_tokens": 0})), 60)
         self.client.initialized(t.InitializedParams())
 
     def open(self, text: str) -> str:

@@ -299,6 +299,36 @@ async def test_prefix_cache_is_reused_between_keystrokes(lsp):
     assert 0 < second["encoded"] <= second["prefix_tokens"] // 4
 
 
+async def test_other_open_documents_are_context_ahead_of_the_prefix(model_dir):
+    """What llama.vim sends a llama.cpp server as input_extra, the language server takes from the
+    other open documents: the encoder prompt grows when one opens and shrinks when it closes, and
+    the chunks stay in the prefix cache while the user types in this document."""
+    h = Harness()
+    await h.start("--model", str(model_dir), options=NORMAL)
+    try:
+        async def prompt_record(uri: str, pos: t.Position) -> dict:
+            await h.inline(uri, pos)
+            return [r for r in (await h.stats())["recent"] if r.get("uri") == uri][-1]
+
+        uri = h.open(PY_DOC, name="main")
+        alone = await prompt_record(uri, PY_CURSOR)
+        other = h.open("RATE = 0.25\nLIMIT = 100\n\ndef clamp(x):\n    return min(max(x, 0), LIMIT)\n",
+                       name="consts")
+        with_other = await prompt_record(uri, PY_CURSOR)  # same place and version: the context is new
+        assert with_other["prefix_tokens"] > alone["prefix_tokens"] + 10
+        version = h.change(uri, t.Range(start=PY_CURSOR, end=PY_CURSOR), "r")
+        typed = await prompt_record(uri, t.Position(line=PY_CURSOR.line, character=PY_CURSOR.character + 1))
+        assert version == 2 and 0 < typed["encoded"] <= typed["prefix_tokens"] // 2  # the chunk was reused
+        h.client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri=other)))
+        await asyncio.sleep(0.2)
+        h.change(uri, t.Range(start=t.Position(line=PY_CURSOR.line, character=PY_CURSOR.character + 1),
+                              end=t.Position(line=PY_CURSOR.line, character=PY_CURSOR.character + 1)), "a")
+        closed = await prompt_record(uri, t.Position(line=PY_CURSOR.line, character=PY_CURSOR.character + 2))
+        assert closed["prefix_tokens"] < with_other["prefix_tokens"]
+    finally:
+        await h.stop()
+
+
 # ---------------------------------------------------------------------- cancellation and versions
 
 

@@ -24,12 +24,11 @@ from http import HTTPStatus
 from pathlib import Path
 
 import pytest
+from starlette.requests import HTTPConnection
 from websockets.asyncio.client import connect
-from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
-from websockets.http11 import Request
 
-from dg_edit import http_gate
+from dg_edit.serve import gate as http_gate
 from dg_edit.serve_process import ServeProcess, dg_edit_command
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,8 +36,10 @@ TOKEN = "correct-horse-battery"
 
 
 # ---------------------------------------------------------------------------------------------- token
-def _request(path: str, **headers) -> Request:
-    return Request(path, Headers({"Host": "127.0.0.1:8765", **headers}))
+def _request(path: str, **headers) -> HTTPConnection:
+    path, _, query = path.partition("?")
+    raw = [(k.lower().encode(), v.encode()) for k, v in {"Host": "127.0.0.1:8765", **headers}.items()]
+    return HTTPConnection({"type": "http", "path": path, "query_string": query.encode(), "headers": raw})
 
 
 def test_every_token_offer_is_compared_with_compare_digest(monkeypatch):
@@ -50,18 +51,18 @@ def test_every_token_offer_is_compared_with_compare_digest(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(http_gate.hmac, "compare_digest", spy)
-    gate = http_gate.Gate(host="127.0.0.1", token=TOKEN, files={"/": Path(__file__)})
+    gate = http_gate.Gate(host="127.0.0.1", token=TOKEN, public_paths=frozenset({"/"}))
     for path, headers in [("/healthz", {}), ("/healthz?token=guess", {}),
                           ("/ws?token=a&token=b", {"Authorization": "Bearer c"})]:
         calls.clear()
-        response = gate.check(None, _request(path, **headers))
+        response = gate.check(_request(path, **headers))
         assert response.status_code == HTTPStatus.UNAUTHORIZED, path
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         offered = re.findall(r"token=(\w+)", path) + [v.split()[1] for v in headers.values()]
         assert sorted(b for _, b in calls) == sorted(o.encode() for o in offered)  # each offer, no shortcut
         assert all(a == TOKEN.encode() for a, _ in calls)
     calls.clear()
-    assert gate.check(None, _request("/healthz", Authorization=f"Bearer {TOKEN}")).status_code == 200
+    assert gate.check(_request("/healthz", Authorization=f"Bearer {TOKEN}")) is None  # let through
     assert calls == [(TOKEN.encode(), TOKEN.encode())]
 
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from email.message import Message
 from importlib import resources
 
 import jsonschema
@@ -93,13 +94,14 @@ def server(servers):
     return servers["plain"]
 
 
-def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
+    """Status, headers (looked up case-insensitively, as HTTP names are) and body."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def health(server) -> dict:

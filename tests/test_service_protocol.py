@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dg_edit import Done, Error, Step, Token
-from dg_edit import protocol
-from dg_edit.outbox import Outbox, OutboxFull
-from dg_edit.protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
+from dg_edit.serve import protocol
+from dg_edit.serve.outbox import Outbox, OutboxFull
+from dg_edit.serve.protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,9 @@ def test_parse_typed_requests():
                                            "suffix": "x", "instruction": "shorter", "strength": 1}))
     assert r == RewriteRequest(id="r2", prefix="p", selection="s", suffix="x", instruction="shorter", strength=1)
     assert protocol.parse_request('{"type":"cancel","id":"r1"}') == CancelRequest(id="r1")
+    r = protocol.parse_request(json.dumps({"type": "infill", "id": "r3", "prefix": "a", "extra": [
+        {"text": "X = 1", "filename": "lib/x.py"}, {"text": "Y = 2\n"}]}))
+    assert r.extra == ("# file: lib/x.py\nX = 1\n", "Y = 2\n")  # as dg_edit.extra.extra_chunk writes them
 
 
 @pytest.mark.parametrize("frame, code, rid, words", [
@@ -61,6 +64,12 @@ def test_parse_typed_requests():
     ('{"type":"rewrite","id":"r1","prefix":"x","selection":"y","strength":2}', "bad_request", "r1", "[0, 1]"),
     ('{"type":"rewrite","id":"r1","prefix":"x","selection":"y","strength":NaN}', "bad_request", "r1", "[0, 1]"),
     ('{"type":"cancel","id":"r1","prefix":"x"}', "bad_request", "r1", "unknown field"),
+    ('{"type":"infill","id":"r1","prefix":"x","extra":"text"}', "bad_request", "r1", "extra must be an array"),
+    ('{"type":"infill","id":"r1","prefix":"x","extra":[{"text":1}]}', "bad_request", "r1", "extra[0] must be"),
+    ('{"type":"rewrite","id":"r1","prefix":"x","selection":"y","extra":[{"text":"a","filename":2}]}',
+     "bad_request", "r1", "extra[0].filename"),
+    ('{"type":"infill","id":"r1","prefix":"x","extra":[{"text":"a","time":1}]}', "bad_request", "r1",
+     "unknown field(s) in extra[0]"),
 ])
 def test_bad_frames_are_protocol_errors(frame, code, rid, words):
     with pytest.raises(ProtocolError) as info:

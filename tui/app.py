@@ -526,7 +526,7 @@ def engine_loader(args: argparse.Namespace) -> Callable[[], Any]:
         import os
 
         from dg_edit.cli import settings_from_args
-        from dg_edit.service import TOKEN_ENV
+        from dg_edit.config import TOKEN_ENV
 
         from .remote import RemoteEngine
 

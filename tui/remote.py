@@ -1,7 +1,7 @@
 """`dg-edit tui --connect ws://...`: drive a running `dg-edit serve` instead of an in-process model.
 
 `RemoteEngine` looks like an `Engine` to the TUI (`stream`, `stream_rewrite`) and yields the core's
-own `Step`/`Done` events, rebuilt from the documented websocket frames (`dg_edit.protocol`), so the
+own `Step`/`Done` events, rebuilt from the documented websocket frames (`dg_edit.serve.protocol`), so the
 app cannot tell the difference. It runs in the app's model worker thread, hence the synchronous
 websockets client. Closing a stream early (the user pressed escape) sends `cancel` for its id and
 reads up to the request's last frame, so the connection stays in step for the next request; the

@@ -66,6 +66,11 @@ async function showModel() {
       return;
     }
     const health = await response.json();
+    if (health.status === "loading") {  // the service listens while the model loads
+      $("model").textContent = "the model is loading…";
+      setTimeout(showModel, 2000);
+      return;
+    }
     $("model").textContent = `${health.model} · ${health.device} · ${health.dtype} · ${health.parameters} parameters`;
   } catch (error) {
     $("model").textContent = `model unknown (${error})`;

@@ -26,36 +26,8 @@ local function finish(err)
   vim.cmd("qall!")
 end
 
-local co
-local function sleep(ms)
-  vim.defer_fn(function()
-    local ok, err = coroutine.resume(co)
-    if not ok then
-      finish(err)
-    end
-  end, ms)
-  coroutine.yield()
-end
-
---- Poll `cond` every 20 ms; error with `what` after `timeout` ms.
-local function wait_for(what, timeout, cond)
-  local deadline = vim.uv.now() + timeout
-  while true do
-    local value = cond()
-    if value then
-      return value
-    end
-    if vim.uv.now() > deadline then
-      error("timed out waiting for " .. what, 2)
-    end
-    sleep(20)
-  end
-end
-
-local function type_keys(keys)
-  -- "m": through mappings (the plug-in's <Tab>), "t": as if typed by the user.
-  vim.api.nvim_feedkeys(vim.keycode(keys), "mt", false)
-end
+local harness = dofile(vim.fs.joinpath(vim.fs.dirname(debug.getinfo(1, "S").source:sub(2)), "harness.lua"))
+local sleep, wait_for, type_keys = harness.sleep, harness.wait_for, harness.type_keys
 
 local dg = require("dg_edit")
 local util = require("dg_edit.util")
@@ -301,7 +273,7 @@ function scenarios.rewrite()
   note("stats", server_stats(client))
 end
 
-co = coroutine.create(function()
+harness.run(function()
   for _, scenario in ipairs(session.scenarios) do
     spec, obs, canvases = scenario, {}, {}
     results[scenario.name] = obs
@@ -318,8 +290,4 @@ co = coroutine.create(function()
     dg.dismiss()
   end
   finish()
-end)
-local ok, err = coroutine.resume(co)
-if not ok then
-  finish(err)
-end
+end, finish)

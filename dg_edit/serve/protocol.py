@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .events import Done, Error, Step
+from ..events import Done, Error, Step
+from ..extra import extra_chunk
 
 MAX_ID_CHARS = 128
 
@@ -51,6 +52,7 @@ class InfillRequest:
     seed: int | None = None
     session: str | None = None  # prefix-cache key (e.g. the document name), scoped to the connection
     single_line: bool | None = None  # None: the engine decides from the cursor's line
+    extra: tuple[str, ...] = ()  # chunks of other files, as `dg_edit.extra.extra_chunk` writes them
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class RewriteRequest:
     strength: float = 0.6
     seed: int | None = None
     session: str | None = None
+    extra: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "seed": ((int,), False),
         "session": ((str,), False),
         "single_line": ((bool,), False),
+        "extra": ((list,), False),
     },
     "rewrite": {
         "prefix": ((str,), True),
@@ -94,11 +98,12 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "strength": ((int, float), False),
         "seed": ((int,), False),
         "session": ((str,), False),
+        "extra": ((list,), False),
     },
     "cancel": {},
 }
 _CLASSES = {"infill": InfillRequest, "rewrite": RewriteRequest, "cancel": CancelRequest}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array"}
 
 
 def parse_request(message: str | bytes) -> Request:
@@ -141,6 +146,8 @@ def parse_request(message: str | bytes) -> Request:
                                 request_id)
         values[name] = value
     _check_ranges(values, request_id)
+    if "extra" in values:
+        values["extra"] = parse_extra(values["extra"], request_id)
     return _CLASSES[kind](**values)
 
 
@@ -152,6 +159,30 @@ def _check_ranges(values: Mapping[str, Any], request_id: str) -> None:
         strength = values["strength"]
         if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
             raise ProtocolError(BAD_REQUEST, f"strength must be a number in [0, 1], got {strength}", request_id)
+
+
+def parse_extra(chunks: list, request_id: str | None = None, *, field: str = "extra",
+                other_keys: bool = False) -> tuple[str, ...]:
+    """`[{"text": ..., "filename": ...}, ...]` (llama.cpp's `input_extra` shape) to the engine's chunk texts.
+
+    `other_keys` lets objects carry keys besides text and filename (llama.vim adds `time`); the
+    websocket protocol refuses them, as it refuses every unknown field.
+    """
+    texts = []
+    for i, chunk in enumerate(chunks):
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str):
+            raise ProtocolError(BAD_REQUEST, f"{field}[{i}] must be an object with a string \"text\" (and an "
+                                             f"optional \"filename\"), got {_short(chunk)}", request_id)
+        filename = chunk.get("filename")
+        if filename is not None and not isinstance(filename, str):
+            raise ProtocolError(BAD_REQUEST, f"{field}[{i}].filename must be a string, got {_short(filename)}",
+                                request_id)
+        unknown = sorted(set(chunk) - {"text", "filename"})
+        if unknown and not other_keys:
+            raise ProtocolError(BAD_REQUEST, f"unknown field(s) in {field}[{i}]: {', '.join(unknown)}; accepted: "
+                                             "text, filename", request_id)
+        texts.append(extra_chunk(chunk["text"], filename or None))
+    return tuple(texts)
 
 
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:

@@ -302,6 +302,7 @@ class Client:
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     from .cli import add_model_arguments
+    from .distributed import add_parallel_arguments
 
     parser = argparse.ArgumentParser(
         prog="dg-edit serve",
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also accept websocket connections from pages of this origin, e.g. "
                              "http://localhost:5173 (repeatable); the service's own page is always allowed")
     add_model_arguments(parser)
+    add_parallel_arguments(parser)  # torchrun: every rank loads a shard in `load_engine`, only rank 0 serves
     return parser
 
 

@@ -310,6 +310,11 @@ class Leader:
         except ParallelFailure:
             self.mirror.streams.pop(stream_id, None)
 
+    def discard_failed(self, stream_id: int) -> None:
+        """After a failure the other ranks are gone or stopping: drop rank 0's copy of the stream alone."""
+        if self.failure is not None:
+            self.mirror.streams.pop(stream_id, None)
+
     def _fail(self, reason: str, broken: bool) -> ParallelFailure:
         """Record the first failure; answer what is in flight, then stop the front end (in a thread)."""
         if self.failure is None:
@@ -394,6 +399,7 @@ class _RemoteStream:
             event = self._leader.call("next", self._id)
         except BaseException:
             self._done = True
+            self._leader.discard_failed(self._id)
             raise
         if isinstance(event, str) and event == _END:
             self._done = True
@@ -531,6 +537,8 @@ def _agree(channel: Channel, error: str | None, what: str) -> None:
 
     dist.destroy_process_group()
     if channel.rank != 0:
+        if error:  # this node's own log says why too (rank 0's log has every rank's message)
+            _say(channel.rank, channel.world_size, f"{what}: {error}; the launch stops")
         raise SystemExit(2)
     by_message: dict[str, list[int]] = {}
     for rank, message in failed:

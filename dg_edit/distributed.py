@@ -529,7 +529,12 @@ def _backend(torch) -> tuple[str, Any]:
 
 def _agree(channel: Channel, error: str | None, what: str) -> None:
     """Every rank reports how its part went; any failure stops all ranks, with the failing ranks' messages."""
-    errors = channel.gather(error)
+    try:
+        errors = channel.gather(error)
+    except RuntimeError as e:  # a rank died while loading (torchrun stops the launch): say so, not a traceback
+        if channel.rank != 0:
+            raise SystemExit(2) from None
+        raise UsageError(f"a rank stopped before it could report on its shard ({e})") from None
     failed = [(rank, message) for rank, message in enumerate(errors) if message]
     if not failed:
         return

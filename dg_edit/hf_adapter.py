@@ -6,8 +6,9 @@ builders and the generation output do not), and every fresh install broke while 
 on an old site-packages. Everything dg-edit needs below the public `from_pretrained`/`generate`
 surface goes through the functions here: encoder forward into a cache, decoder forward over a
 canvas, the encoder and decoder mask builders, cache creation, past recording and crop, batch
-repeat, the embedding dtype, the LM head. Nothing else in the project passes `past_key_values=` or
-`cache=` to transformers or reaches into `model.model.*`.
+repeat, the embedding dtype, the LM head, and the tensor/expert-parallel plans `--parallel` loads
+with (`corrected_plan` says why transformers' own plans fail for this model). Nothing else in the
+project passes `past_key_values=` or `cache=` to transformers or reaches into `model.model.*`.
 
 How it adapts: by what the installed code accepts (signatures, attributes), looked up once per
 function and kept in `functools.cache`, never by comparing version strings. Each adaptation names

@@ -227,8 +227,6 @@ def follow(channel: Channel, mirror: Mirror) -> int:
     while True:
         try:
             command = channel.receive()
-        except KeyboardInterrupt:  # torchrun passed the user's Ctrl-C on: rank 0 is stopping too
-            return 0
         except Exception as e:  # rank 0 died, or a collective timed out
             _say(rank, world, f"lost rank 0 ({type(e).__name__}: {e}); stopping")
             return EXIT_FAILED
@@ -608,6 +606,9 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
     mirror = Mirror(engine)
     _say(rank, world, f"pid {os.getpid()} holds its {mode} shard on {engine.model.device} ({backend})")
     if rank != 0:
+        # torchrun passes a Ctrl-C to every rank; rank 0 stops its front end and then tells the others,
+        # with their summaries. A follower leaving on its own would only make that last word fail.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = follow(channel, mirror)
         if code == 0:
             dist.destroy_process_group()

@@ -179,7 +179,7 @@ async def _frames(ws, request_ids: set[str]) -> dict[str, dict]:
 
 def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank(model_dir, reference, tmp_path):
     launch = Launch(["serve", "--port", "0", "--parallel", "tp", "--model", str(model_dir)], tmp_path / "serve.log",
-                    **{faults.FAULT_ENV: "slow:0.2"})
+                    **{faults.FAULT_ENV: "slow:0.5"})
     try:
         url = launch.wait_for(r"ws://(\S+)/ws")[1]
         rank0 = launch.pid(0)
@@ -195,7 +195,7 @@ def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank
                 await ws.send(json.dumps({"type": "rewrite", "id": "rw", "prefix": prefix, "selection": selection,
                                           "suffix": suffix, "seed": seed}))
                 finals = await _frames(ws, {"i0", "i1", "i2", "rw"})
-                # a slow request (0.2 s a step, every rank), cancelled after its second step
+                # a slow request (0.5 s a step, every rank), cancelled after its second step
                 await ws.send(json.dumps({"type": "infill", "id": "slow", "prefix": faults.MARKER + "\n" + PREFIX,
                                           "max_new_tokens": 64, "seed": 5}))
                 seen = 0

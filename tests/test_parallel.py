@@ -104,9 +104,17 @@ class Launch:
         return int(self.wait_for(rf"rank {rank}/{RANKS}: pid (\d+) holds")[1])
 
     def stop(self) -> None:
+        """SIGKILL torchrun's group and every rank (torchrun starts each rank in a session of its own)."""
+        ranks = [int(pid) for pid in re.findall(r"rank \d+/\d+: pid (\d+) holds", self.log())]
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        for pid in ranks:  # a frozen rank outlives torchrun otherwise
+            try:
+                if b"dg_edit.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still ours, not a reused pid
+                    os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
         self._log.close()
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from dg_edit.distributed import add_parallel_arguments, parallel_requested, run_launched
 from dg_edit.errors import UsageError
 
 # subcommand -> (module, help); each module has `main(argv) -> int`
@@ -54,7 +55,15 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
-    """Load the engine a command asked for; missing files and bad settings become `UsageError`s."""
+    """Load the engine a command asked for; missing files and bad settings become `UsageError`s.
+
+    Under --parallel (torchrun) every rank loads its shard here and only rank 0 returns, with an engine
+    that runs each call on every rank (`dg_edit.distributed`).
+    """
+    if getattr(args, "parallel", None):
+        from .distributed import load_engine as load_parallel_engine
+
+        return load_parallel_engine(args)
     import torch
 
     from .engine import Engine
@@ -127,6 +136,8 @@ def infill_json_line(engine, line: str) -> dict[str, Any]:
                           single_line=request.get("single_line"))
     except ValueError as e:
         return {"id": rid, "error": str(e)}
+    except RuntimeError as e:  # the model failed (under --parallel: the launch did); the line still gets its answer
+        return {"id": rid, "error": f"model failure: {type(e).__name__}: {e}"}
     return {"id": rid, "text": r.text, "steps": r.steps, "tokens_per_forward": round(r.tokens_per_forward, 3),
             "ms": round(r.ms, 1)}
 
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show", action="store_true", help="print the whole file with the infill highlighted")
     add_model_arguments(p)
+    add_parallel_arguments(p)
     p = sub.add_parser("info", help="model, parameters, device, dtype, canvas length")
     p.add_argument("--json", action="store_true")
     add_model_arguments(p)
@@ -228,6 +240,12 @@ def check_install() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if parallel_requested(argv):  # under torchrun: the launch is ended (every rank stopped) when this returns
+        return run_launched(lambda: _dispatch(argv))
+    return _dispatch(argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in FRONT_ENDS and not {"-h", "--help"} & set(argv[1:]):
         try:
             check_install()

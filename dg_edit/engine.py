@@ -129,8 +129,12 @@ class Engine:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-             settings: Settings | None = None) -> "Engine":
-        """Load a local Hugging Face directory (or the embedded default model when `model` is None)."""
+             settings: Settings | None = None, parallel: tuple[str, int] | None = None) -> "Engine":
+        """Load a local Hugging Face directory (or the embedded default model when `model` is None).
+
+        `parallel=(mode, world_size)` loads this rank's shard under torchrun (`dg_edit.distributed`):
+        transformers places it (cuda:LOCAL_RANK, or the CPU), so `device` must be None.
+        """
         hf.check_transformers()  # before transformers is imported: one line naming the fix, not a traceback
         transformers = hf.api()
         transformers.utils.logging.disable_progress_bar()  # a CLI's stderr is for its own messages
@@ -148,14 +152,20 @@ class Engine:
         path = check_model_dir(model if model not in (None, "") else default_model_dir())
         hf.check_model_type(path)
         torch_dtype = _parse_dtype(dtype) or torch.float32
+        if parallel and device:
+            raise ValueError("--device does not apply under --parallel: each rank uses its own accelerator "
+                             "(cuda:LOCAL_RANK) or the CPU; hide GPUs with CUDA_VISIBLE_DEVICES= to run on CPUs")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # --parallel: the sharding plan for this rank (the one place it reaches from_pretrained)
+        shard_kwargs = hf.parallel_load_kwargs(path, *parallel) if parallel else {}
         try:
             net = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch_dtype,
-                                                                               local_files_only=True)
+                                                                               local_files_only=True, **shard_kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot load model from {path}: {e}") from None
-        net.to(device)
+        if not parallel:
+            net.to(device)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
             install_fault(net, tokenizer, fault)
@@ -167,6 +177,10 @@ class Engine:
             overrides = data
         sampling = _sampling_from_generation_config(net).replace(**overrides)
         return cls(net, tokenizer, sampling=sampling, settings=settings, name=str(path))
+
+    def with_settings(self, settings: Settings) -> "Engine":
+        """An engine over the same loaded model with other settings (window sizes, sampling); fresh caches."""
+        return Engine(self.model, self.tokenizer, sampling=self.sampling, settings=settings, name=self.name)
 
     def info(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -198,8 +212,15 @@ class Engine:
                    max_new_tokens: int | None = None, seed: int | None = None, session: str | None = None,
                    **sampling) -> Done:
         """Token-level infill; with empty `suffix_ids` this is `model.generate` (same seed, same tokens)."""
+        return _last(self.stream_ids(prefix_ids, suffix_ids, max_new_tokens=max_new_tokens, seed=seed,
+                                     session=session, _with_steps=False, **sampling))
+
+    def stream_ids(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int] = (), *,
+                   max_new_tokens: int | None = None, seed: int | None = None, session: str | None = None,
+                   _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
+        """`infill_ids` as a stream of `Step` events and a final `Done`."""
         request = self._request_from_ids(list(prefix_ids), list(suffix_ids), max_new_tokens, seed, session, sampling)
-        return _last(self._run(request, with_steps=False))
+        return self._run(request, with_steps=_with_steps)
 
     def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
                session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,

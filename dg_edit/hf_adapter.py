@@ -6,8 +6,9 @@ builders and the generation output do not), and every fresh install broke while 
 on an old site-packages. Everything dg-edit needs below the public `from_pretrained`/`generate`
 surface goes through the functions here: encoder forward into a cache, decoder forward over a
 canvas, the encoder and decoder mask builders, cache creation, past recording and crop, batch
-repeat, the embedding dtype, the LM head. Nothing else in the project passes `past_key_values=` or
-`cache=` to transformers or reaches into `model.model.*`.
+repeat, the embedding dtype, the LM head, and the tensor/expert-parallel plans `--parallel` loads
+with (`corrected_plan` says why transformers' own plans fail for this model). Nothing else in the
+project passes `past_key_values=` or `cache=` to transformers or reaches into `model.model.*`.
 
 How it adapts: by what the installed code accepts (signatures, attributes), looked up once per
 function and kept in `functools.cache`, never by comparing version strings. Each adaptation names
@@ -104,7 +105,7 @@ def api() -> ModuleType:
     """The `transformers` module with the names dg-edit uses resolved, imported under one lock."""
     with _IMPORT_LOCK:
         import transformers
-        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
+        from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
         from transformers.models.diffusion_gemma import modeling_diffusion_gemma  # noqa: F401
     return transformers
 
@@ -263,3 +264,113 @@ def decoder_hidden(model, cache, canvas: torch.Tensor,  # [B, L]
                               self_conditioning_logits=self_conditioning_logits,
                               **_kw("DiffusionGemmaDecoderModel.forward", cache))
     return out.last_hidden_state
+
+
+# ------------------------------------------------------------------ tensor and expert parallel (torchrun)
+PARALLEL_MODES = ("tp", "ep")
+_ENCODER_TEXT = "model.encoder.language_model."
+_DECODER = "model.decoder."
+
+
+def parallel_plans(config) -> tuple[dict[str, str], dict[str, str], torch.nn.Module]:
+    """The tp and ep plans transformers builds for this model (and the meta-device skeleton they came from).
+
+    Asked of an instance built on the meta device (no memory, no weights), so the names are exactly the
+    ones transformers' `init_parallel_plans` gives them: `lm_head` from the class, the text config's
+    `base_model_tp_plan`/`base_model_ep_plan` under `model.encoder.language_model.`, the vision tower's,
+    and the `embed_tokens: embedding_rowwise` rule transformers adds on its own.
+    """
+    with torch.device("meta"):
+        skeleton = api().DiffusionGemmaForBlockDiffusion(config)
+    return dict(skeleton.tp_plan), dict(skeleton.ep_plan), skeleton
+
+
+def corrected_plan(plan: dict[str, str]) -> dict[str, str]:
+    """A plan that works for DiffusionGemma: the decoder's modules named too, the tied embedding replicated.
+
+    Why `from_pretrained(tp_plan="auto")` then `generate` fails with `aten.embedding.default got mixed
+    torch.Tensor and DTensor` (transformers 5.23 and 5.24, whose `distributed/` code is identical):
+    1. transformers roots the model's plan at the text config's base model, which for DiffusionGemma is
+       the encoder's `model.encoder.language_model`. The decoder (`model.decoder.*`), which `generate`
+       runs every step, is named nowhere.
+    2. The decoder and the encoder share every text weight, and `DiffusionGemmaModel._tied_weights_keys`
+       ties encoder <- decoder. `apply_tensor_parallelism` shards the encoder's parameters into DTensors
+       and hooks the encoder's modules; loading then re-ties each encoder parameter to the decoder's,
+       which nobody sharded. The encoder's modules keep their tensor-parallel forwards but now hold plain
+       full tensors: the first one, the embedding (`embedding_rowwise`), turns its input into a DTensor
+       and meets a plain weight. Hence "mixed torch.Tensor and DTensor" at the very first encoder call.
+    3. The tied word embedding cannot be sharded at all here: the decoder's self-conditioning multiplies
+       the softmax of the previous logits by `embed_tokens.weight` directly (no module forward to hook),
+       and `lm_head` (`colwise_gather_output`) is that same tensor.
+    The fix, without touching transformers' files: every rule under `model.encoder.language_model.` is
+    given to `model.decoder.` too (so the decoder's parameters are sharded and its modules hooked, and
+    the tie hands the encoder the same DTensors), and the embedding and `lm_head` rules become
+    `replicate` (each rank keeps the full tied matrix; every rank computes full logits, which every rank
+    needs anyway to sample the same canvas).
+    """
+    out = dict(plan)
+    for name, style in plan.items():
+        if name.startswith(_ENCODER_TEXT):
+            out[_DECODER + name[len(_ENCODER_TEXT):]] = style
+    for name in out:
+        if name == "lm_head" or name.rsplit(".", 1)[-1] == "embed_tokens":
+            out[name] = "replicate"
+    return out
+
+
+def check_parallel(skeleton: torch.nn.Module, mode: str, world_size: int) -> None:
+    """Raise `ValueError` with the fix unless `mode` can split this model over `world_size` ranks.
+
+    Tensor parallel splits attention by heads and each expert by its hidden width; expert parallel keeps
+    attention whole and gives each rank whole experts. A split that does not divide fails deep inside a
+    forward with a shape error, so it is refused here, before any rank loads a weight.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if world_size < 2:
+        return
+    for name, module in skeleton.named_modules():
+        if not name.startswith(_DECODER):
+            continue
+        if mode == "tp" and isinstance(getattr(module, "k_proj", None), torch.nn.Linear):
+            heads = module.q_proj.out_features // module.head_dim
+            kv_heads = module.k_proj.out_features // module.head_dim
+            if heads % world_size or kv_heads % world_size:
+                raise ValueError(
+                    f"--parallel tp over {world_size} ranks splits attention by heads, but {name} has {heads} "
+                    f"query and {kv_heads} key/value heads: use a number of ranks that divides {kv_heads}, or "
+                    "--parallel ep (attention whole on every rank, experts split)")
+        experts = getattr(module, "gate_up_proj", None)
+        if isinstance(experts, torch.Tensor) and experts.ndim == 3:
+            n_experts, width = experts.shape[0], experts.shape[1] // 2
+            if mode == "ep" and n_experts % world_size:
+                raise ValueError(f"--parallel ep over {world_size} ranks needs the experts ({n_experts}) to divide "
+                                 f"evenly ({name}); use a number of ranks that divides {n_experts}")
+            if mode == "tp" and width % world_size:
+                raise ValueError(f"--parallel tp over {world_size} ranks splits each expert's width ({width}, "
+                                 f"{name}) and needs it to divide evenly")
+
+
+def parallel_load_kwargs(model_dir: str | Path, mode: str, world_size: int) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments that shard the model over the torchrun ranks (`tp` or `ep`).
+
+    `tp`: transformers' `base_model_tp_plan`, corrected (see `corrected_plan`). `ep`: transformers'
+    `base_model_ep_plan` (experts dealt out whole, the dense MLP split, attention whole: the release's own
+    comment says its 2 global key/value heads are too few to split), corrected the same way, with
+    `ep_size == tp_size` as its all-reduce dispatch requires and every tensor-parallel rule `replicate`.
+    Raises `ValueError` for a split that cannot work (`check_parallel`).
+    """
+    transformers = api()
+    with _IMPORT_LOCK:
+        from transformers.distributed import DistributedConfig
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    tp_plan, ep_plan, skeleton = parallel_plans(config)
+    check_parallel(skeleton, mode, world_size)
+    if mode == "tp":
+        distributed = DistributedConfig(tp_plan=corrected_plan(tp_plan))
+    else:
+        distributed = DistributedConfig(tp_size=world_size, ep_size=world_size,
+                                        tp_plan=dict.fromkeys(corrected_plan(tp_plan), "replicate"),
+                                        ep_plan=corrected_plan(ep_plan))
+    return {"distributed_config": distributed}

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pygls.exceptions import JsonRpcException
@@ -61,7 +62,8 @@ class EngineHost:
     """Loads, warms up and swaps the engine; `await host.get()` returns it or raises `EngineUnavailable`."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, threads: int | None = None,
-                 warm_up: bool = True):
+                 warm_up: bool = True, engine: "Engine | None" = None):
+        self.launched = engine  # --parallel: loaded on every rank at launch; the client picks settings, not the model
         self.device = device
         self.dtype = dtype
         self.threads = threads  # torch CPU threads, set in the loading thread (importing torch takes seconds)
@@ -157,7 +159,10 @@ class EngineHost:
         if self.threads:
             torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
-        engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings)
+        if self.launched is not None:
+            engine = self._from_launched(settings)
+        else:
+            engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings)
         if self.warm_up:
             # One short request so the first real keystroke does not pay torch's first-call costs.
             engine.infill("def f(x):\n    return ", "\n", max_new_tokens=4, max_denoising_steps=1, seed=0)
@@ -165,8 +170,12 @@ class EngineHost:
         logger.info("model %s loaded in %.0f ms", engine.name, self.load_ms)
         return engine
 
-    def _rewrap(self, previous: Future, settings: Settings) -> "Engine":
-        from dg_edit.engine import Engine
+    def _from_launched(self, settings: Settings) -> "Engine":
+        launched = self.launched
+        if settings.model and Path(settings.model).expanduser().resolve() != Path(launched.name).resolve():
+            raise ValueError(f"this server was launched with --parallel on {launched.name}; it cannot switch to "
+                             f"{settings.model} (restart the launch with that --model)")
+        return launched if settings == launched.settings else launched.with_settings(settings)
 
-        old = previous.result()
-        return Engine(old.model, old.tokenizer, sampling=old.sampling, settings=settings, name=old.name)
+    def _rewrap(self, previous: Future, settings: Settings) -> "Engine":
+        return previous.result().with_settings(settings)

@@ -95,7 +95,8 @@ from pathlib import Path
 
 from pygls.exceptions import JsonRpcException
 
-from dg_edit.cli import UsageError, add_model_arguments, settings_from_args
+from dg_edit.cli import UsageError, add_model_arguments, load_engine, settings_from_args
+from dg_edit.distributed import add_parallel_arguments
 from dg_edit.config import Settings
 
 from . import completion, config, documents, inline, rewrite, stats
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", default=None, help="append logs here instead of stderr")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     add_model_arguments(parser)
+    add_parallel_arguments(parser)
     return parser
 
 
@@ -158,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--log-level: {e}") from None
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("pygls.protocol.json_rpc").addFilter(_AnsweredErrors())
+    # --parallel (torchrun): every rank loads its shard now; only rank 0 returns, to serve
+    launched = load_engine(args) if args.parallel else None
     preload_imports()
-    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype, threads=args.threads))
+    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype, threads=args.threads,
+                                               engine=launched))
     try:
         if tcp is not None:
             server.start_tcp(*tcp)

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 PINNED_AT_OLDEST = ("torch", "transformers", "tokenizers", "pygls", "lsprotocol", "websockets", "textual", "starlette",
-                    "uvicorn")
+                    "uvicorn", "accelerate")
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*(.*)$")
 
 

@@ -191,6 +191,7 @@ class Service:
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     from ..cli import add_model_arguments
+    from ..distributed import add_parallel_arguments
 
     parser = argparse.ArgumentParser(
         prog="dg-edit serve",
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also accept websocket connections and API calls from pages of this origin, e.g. "
                              "http://localhost:5173 (repeatable); the service's own page is always allowed")
     add_model_arguments(parser)
+    add_parallel_arguments(parser)  # torchrun: every rank loads a shard in `load_engine`, only rank 0 serves
     return parser
 
 
@@ -231,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="dg-edit serve: %(message)s")
     logging.getLogger("uvicorn").setLevel(logging.WARNING)  # its start/stop chatter; errors still show
+    load = lambda: load_engine(args)  # noqa: E731
+    if getattr(args, "parallel", None):
+        # Under torchrun only rank 0 returns from load_engine (the others mirror it until the launch
+        # ends), so the model is loaded before anything listens: other ranks never open a socket.
+        engine = load_engine(args)
+        load = lambda: engine  # noqa: E731
     try:
-        return asyncio.run(_serve_until_stopped(lambda: load_engine(args), settings, host, port, token, origins))
+        return asyncio.run(_serve_until_stopped(load, settings, host, port, token, origins))
     except OSError as e:  # address in use, permission denied, ...
         raise UsageError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}") from None
 

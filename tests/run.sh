@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 end=newest
 if [ "${1:-}" = "--oldest" ]; then end=oldest; shift; fi
 # At the oldest end, the tests that exercise the pinned libraries: transformers and torch (engine,
-# CLI, training), pygls/lsprotocol (language server), websockets, starlette, uvicorn (service), textual (TUI), accelerate (--parallel).
+# CLI, training), pygls/lsprotocol (language server), websockets, starlette, uvicorn (service),
+# textual (TUI), accelerate (--parallel).
 OLDEST_TESTS=(tests/test_install.py tests/test_engine.py tests/test_sampler.py tests/test_cli.py tests/test_train.py
               tests/test_lsp.py tests/test_lsp_units.py tests/test_service_protocol.py tests/test_service.py tests/test_http_api.py
               tests/test_tui_parts.py tests/test_tui.py tests/test_parallel.py)

@@ -87,7 +87,12 @@ def check_transformers() -> str:
 
 def check_model_type(model_dir: str | Path) -> None:
     """Raise `NotDiffusionGemma` naming the `model_type` of a config.json that is not DiffusionGemma."""
-    path = Path(model_dir) / "config.json"
+    check_model_type_file(Path(model_dir) / "config.json")
+
+
+def check_model_type_file(path: str | Path) -> None:
+    """`check_model_type` for a config.json given by its own path."""
+    path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -104,7 +109,8 @@ def api() -> ModuleType:
     """The `transformers` module with the names dg-edit uses resolved, imported under one lock."""
     with _IMPORT_LOCK:
         import transformers
-        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
+        from transformers import (AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,  # noqa: F401
+                                  DynamicCache)
         from transformers.models.diffusion_gemma import modeling_diffusion_gemma  # noqa: F401
     return transformers
 
@@ -145,7 +151,26 @@ def generation_cache(output):
     return getattr(output, "cache", None) if hasattr(output, "cache") else getattr(output, "past_key_values", None)
 
 
+def config_from_json(path: str | Path):
+    """A `DiffusionGemmaConfig` from a config.json (the memory plan builds the model on meta from it)."""
+    return api().DiffusionGemmaConfig.from_json_file(str(path))
+
+
 # ------------------------------------------------------------------ modules and dtypes
+def paired_text_layers(model) -> list[tuple[torch.nn.Module | None, torch.nn.Module]]:
+    """(encoder layer, decoder layer) for each text layer; the two share every weight (tied)."""
+    decoder_layers = list(model.model.decoder.layers)
+    encoder = getattr(model.model.encoder, "language_model", None)
+    encoder_layers = list(encoder.layers) if encoder is not None else [None] * len(decoder_layers)
+    return list(zip(encoder_layers, decoder_layers))
+
+
+def is_quantized(model) -> bool:
+    """True for a model loaded with a transformers quantization config (`from_pretrained` sets
+    `hf_quantizer`); such weights are tensor subclasses that `torch.inference_mode` breaks."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
 def text_config(model):
     """The decoder-side text config, which sizes the KV cache."""
     return model.config.get_text_config(decoder=True)

@@ -15,7 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-PINNED_AT_OLDEST = ("torch", "transformers", "tokenizers", "pygls", "lsprotocol", "websockets", "textual")
+PINNED_AT_OLDEST = ("torch", "transformers", "tokenizers", "pygls", "lsprotocol", "websockets", "textual",
+                    "accelerate")
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*(.*)$")
 
 

@@ -72,6 +72,10 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+class ModelOutOfMemory(RuntimeError):
+    """The device ran out of memory during one request; that request fails, the engine goes on."""
+
+
 @dataclass
 class _Request:
     """Everything one request needs, already tokenized and windowed."""
@@ -201,7 +205,7 @@ class Engine:
                    **sampling) -> Done:
         """Token-level infill; with empty `suffix_ids` this is `model.generate` (same seed, same tokens)."""
         request = self._request_from_ids(list(prefix_ids), list(suffix_ids), max_new_tokens, seed, session, sampling)
-        return _last(self._run(request, with_steps=False))
+        return _last(self._guarded(request, with_steps=False))
 
     def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
                session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
@@ -217,7 +221,7 @@ class Engine:
                 raise ValueError(f"lengths must be positive integers, got {lengths!r}")
             request.lengths = lengths
             request.max_new_tokens = max(lengths)
-        return self._run(request, with_steps=_with_steps)
+        return self._guarded(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
                 strength: float = 0.6, seed: int | None = None, session: str | None = None, **sampling) -> Done:
@@ -247,7 +251,7 @@ class Engine:
                                           sampling, instruction=instruction)
         request.init_middle = sel_ids
         request.strength = float(strength)
-        return self._run(request, with_steps=_with_steps)
+        return self._guarded(request, with_steps=_with_steps)
 
     def forget(self, session: str) -> None:
         """Drop a document's prefix cache (the editor closed it)."""
@@ -353,6 +357,27 @@ class Engine:
         return comment
 
     # ------------------------------------------------------------------ the loop
+    def _guarded(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
+        """`_run`, with running out of memory turned into `ModelOutOfMemory` for this request only.
+
+        The request's own tensors go when its generator unwinds; the document's prefix cache may be
+        half-written and is dropped too, and a GPU's cached blocks go back to the driver, so the next
+        request starts from the memory the plan counted.
+        """
+        try:
+            yield from self._run(request, with_steps)
+        except torch.OutOfMemoryError as e:
+            if request.session is not None:
+                self.forget(request.session)
+            device = self.model.device
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            raise ModelOutOfMemory(
+                f"out of memory on {device} while denoising this request ({first_line}); its caches were "
+                "released. Ask for fewer tokens or candidates, or see `dg-edit plan` for a setting that "
+                "fits") from None
+
     def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
         t0 = time.perf_counter()
         model = self.model

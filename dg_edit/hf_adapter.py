@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -108,6 +109,11 @@ def check_model_type_file(path: str | Path) -> None:
 def api() -> ModuleType:
     """The `transformers` module with the names dg-edit uses resolved, imported under one lock."""
     with _IMPORT_LOCK:
+        # With torchao installed (the quant extra), importing a model imports torchao, which warns on
+        # stderr about CUDA-only extensions it cannot load on a CPU build; a CLI's stderr is for its
+        # own messages. (transformers 5.23+ imports its torchao quantizer eagerly.)
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).level, logging.ERROR))
         import transformers
         from transformers import (AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,  # noqa: F401
                                   DynamicCache)

@@ -279,23 +279,21 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
 
 
 def _options_that_fit(config, plan: Plan, model) -> list[str]:
-    """Cheaper ways to run the same model on the same budget: another quantization, fewer rows, offload."""
+    """Cheaper ways to run the same model on the same budget: another quantization and/or bf16, or offload."""
     options = []
     dtype = getattr(torch, plan.dtype)
-    for method in q.QUANTIZE_CHOICES:
-        if method == plan.quantize:
-            continue
-        other = make_plan(config, dtype=dtype, quantize=method, device=plan.device, slots=plan.slots, rows=plan.rows,
-                          prefix_tokens=plan.prefix_tokens, budget_bytes=plan.budget_bytes, model=model,
-                          with_options=False)
-        if other.fits:
-            options.append(f"--quantize {method} (needs {_gb(other.total_bytes)})")
-    if dtype == torch.float32:
-        other = make_plan(config, dtype=torch.bfloat16, quantize=plan.quantize, device=plan.device, slots=plan.slots,
-                          rows=plan.rows, prefix_tokens=plan.prefix_tokens, budget_bytes=plan.budget_bytes,
-                          model=model, with_options=False)
-        if other.fits:
-            options.append(f"--dtype bfloat16 (needs {_gb(other.total_bytes)})")
+    dtypes = [(dtype, "")] + ([(torch.bfloat16, "--dtype bfloat16")] if dtype == torch.float32 else [])
+    for other_dtype, dtype_flag in dtypes:
+        for method in q.QUANTIZE_CHOICES:
+            if method == plan.quantize and other_dtype == dtype:
+                continue
+            other = make_plan(config, dtype=other_dtype, quantize=method, device=plan.device, slots=plan.slots,
+                              rows=plan.rows, prefix_tokens=plan.prefix_tokens, budget_bytes=plan.budget_bytes,
+                              model=model, with_options=False)
+            if other.fits:
+                flags = " ".join(f for f in (dtype_flag, f"--quantize {method}" if method != plan.quantize else "")
+                                 if f)
+                options.append(f"{flags} (needs {_gb(other.total_bytes)})")
     if plan.device.startswith("cuda") and plan.budget_bytes is not None:
         over = plan.total_bytes - plan.budget_bytes
         options.append(f"--device-map auto (accelerate offloads about {_gb(over)} of weights to CPU RAM; "

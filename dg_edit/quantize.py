@@ -25,6 +25,7 @@ Each method names its pip command; a missing library is one line (`QuantizationU
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
 # transformers' `should_convert_module` does: a prefix up to a module boundary, or a suffix.
 SKIP_MODULES = ("lm_head", "router.proj", "model.encoder.vision_tower", "model.encoder.embed_vision")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+LINEAR_PATTERN = r"re:.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class QuantizationUnavailable(ValueError):
@@ -120,6 +122,9 @@ def quantization_config(name: str, dtype: torch.dtype):
         return None
     transformers = _transformers()
     if name == "nf4":
+        # On a CPU, bitsandbytes warns on first use that an optional faster kernel (a download from a
+        # model hub, which dg-edit never reaches) is missing; its own kernel runs instead.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         return transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
@@ -127,8 +132,9 @@ def quantization_config(name: str, dtype: torch.dtype):
     from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, Int8WeightOnlyConfig
 
     per_weight = Int8WeightOnlyConfig() if name == "int8" else Float8WeightOnlyConfig()
-    # "_default" covers every nn.Linear the skip list leaves; the regex reaches the 3-D experts.
-    fqn = FqnToConfig({r"re:.*\.experts\.(gate_up_proj|down_proj)": per_weight, "_default": per_weight})
+    # The first pattern reaches the 3-D experts (parameters), the second every text nn.Linear (modules:
+    # attention, dense MLP, self-conditioning); the skip list keeps the rest.
+    fqn = FqnToConfig({r"re:.*\.experts\.(gate_up_proj|down_proj)": per_weight, LINEAR_PATTERN: per_weight})
     return transformers.TorchAoConfig(fqn, modules_to_not_convert=list(SKIP_MODULES))
 
 
@@ -162,6 +168,40 @@ def inference_context(name: str):
     version_counter for inference tensor"), so quantized models run under `no_grad`.
     """
     return torch.inference_mode if name == "none" else torch.no_grad
+
+
+def storage_bytes(model) -> tuple[int, int]:
+    """(all parameters, the experts' parameters) in bytes as stored: tensor subclasses (torchao) count
+    their inner tensors, parametrized weights (bitsandbytes experts) their quantized original."""
+    seen: set[int] = set()
+    total = experts = 0
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            nbytes = _tensor_bytes(param)
+            total += nbytes
+            if ".experts" in module_name:
+                experts += nbytes
+        state = getattr(module, "quant_state", None)  # a bitsandbytes parametrization keeps its absmax here
+        if state is not None and hasattr(state, "absmax") and id(state) not in seen:
+            seen.add(id(state))
+            nbytes = int(state.absmax.numel() * state.absmax.element_size())
+            total += nbytes
+            experts += nbytes if ".experts" in module_name else 0
+    return total, experts
+
+
+def _tensor_bytes(t) -> int:
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    flatten = getattr(type(data), "__tensor_flatten__", None)
+    if flatten is not None and type(data) is not torch.Tensor:
+        names, _ = data.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(data, n)) for n in names)
+    state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: its absmax lives here
+    extra = int(state.absmax.numel() * state.absmax.element_size()) if state is not None else 0
+    return data.numel() * data.element_size() + extra
 
 
 def _transformers():

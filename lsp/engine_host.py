@@ -61,9 +61,10 @@ class EngineHost:
     """Loads, warms up and swaps the engine; `await host.get()` returns it or raises `EngineUnavailable`."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, threads: int | None = None,
-                 warm_up: bool = True):
+                 warm_up: bool = True, options=None):
         self.device = device
         self.dtype = dtype
+        self.options = options  # dg_edit.loading.LoadOptions (quantization, device map), None = defaults
         self.threads = threads  # torch CPU threads, set in the loading thread (importing torch takes seconds)
         self.warm_up = warm_up
         self._future: Future | None = None
@@ -157,7 +158,8 @@ class EngineHost:
         if self.threads:
             torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
-        engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings)
+        engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings,
+                             options=self.options)
         if self.warm_up:
             # One short request so the first real keystroke does not pay torch's first-call costs.
             engine.infill("def f(x):\n    return ", "\n", max_new_tokens=4, max_denoising_steps=1, seed=0)

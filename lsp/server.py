@@ -94,7 +94,7 @@ from pathlib import Path
 
 from pygls.exceptions import JsonRpcException
 
-from dg_edit.cli import UsageError, add_model_arguments, settings_from_args
+from dg_edit.cli import UsageError, add_model_arguments, load_options, settings_from_args
 from dg_edit.config import Settings
 
 from . import completion, config, documents, inline, rewrite, stats
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("pygls.protocol.json_rpc").addFilter(_AnsweredErrors())
     preload_imports()
-    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype, threads=args.threads))
+    server = build_server(settings, EngineHost(options=load_options(args), threads=args.threads))
     try:
         if tcp is not None:
             server.start_tcp(*tcp)

@@ -28,7 +28,12 @@ import torch
 from . import sampler
 from .config import SamplingConfig
 
-DEFAULT_CHUNK_ROWS = 64  # [64, 262144] float32 = 64 MiB per temporary at the real vocabulary
+CHUNK_BYTES = 16 << 20  # one float32 [rows, V] temporary of the vocabulary pass: 16 rows at V = 262,144
+
+
+def chunk_rows_for(vocab_size: int) -> int:
+    """Rows per chunk so that each temporary stays near CHUNK_BYTES (the entropy alone makes four)."""
+    return max(2, CHUNK_BYTES // (4 * vocab_size))
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class StepSpec:
     draw: str  # "multinomial" | "inverse_cdf"
     fixed: bool  # the layout has clamped or pad positions
     single_line: bool  # a line-end table stops rows early (absorbing noise only)
-    chunk_rows: int | None = DEFAULT_CHUNK_ROWS  # None: the whole vocabulary pass at once
+    chunk_rows: int | None = None  # None: chunk_rows_for(vocab_size); 0: the whole pass at once
 
     @property
     def absorbing(self) -> bool:
@@ -96,7 +101,8 @@ def vocab_pass(processed_logits: torch.Tensor,  # [B, L, V] temperature-scaled
     uniform = None
     if spec.draw == "inverse_cdf":
         uniform = noise.uniform if noise is not None else torch.rand((n, 1), generator=generator, device=logits.device)
-    for start, end in _chunks(n, spec.chunk_rows):
+    rows_per_chunk = chunk_rows_for(vocab) if spec.chunk_rows is None else spec.chunk_rows
+    for start, end in _chunks(n, rows_per_chunk):
         rows = logits[start:end]
         sel = None if flat_need is None else flat_need[start:end]
         q = None

@@ -171,10 +171,34 @@ def paired_text_layers(model) -> list[tuple[torch.nn.Module | None, torch.nn.Mod
     return list(zip(encoder_layers, decoder_layers))
 
 
+def decoder_module(model) -> torch.nn.Module:
+    """The decoder: its text layers own the weights the encoder's layers share (tied)."""
+    return model.model.decoder
+
+
+def set_experts_implementation(model, implementation: str) -> None:
+    """Switch the MoE experts' forward ("eager", "grouped_mm", ...) of a model already built."""
+    model.set_experts_implementation(implementation)
+
+
+def model_from_config(config, dtype: torch.dtype, device: str | torch.device):
+    """A randomly initialized model built directly on `device` in `dtype` (benchmarks: no checkpoint).
+
+    `_from_config` is what `AutoModel.from_config` calls; DiffusionGemmaForBlockDiffusion has no
+    Auto class for it. Under a device context the weights are allocated and initialized there.
+    """
+    with torch.device(device):
+        return api().DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+
+
 def is_quantized(model) -> bool:
-    """True for a model loaded with a transformers quantization config (`from_pretrained` sets
-    `hf_quantizer`); such weights are tensor subclasses that `torch.inference_mode` breaks."""
-    return getattr(model, "hf_quantizer", None) is not None
+    """True for a model with quantized weights: loaded with a transformers quantization config
+    (`from_pretrained` sets `hf_quantizer`), or quantized in place (tensor subclasses, parametrized
+    weights). Such weights fail under `torch.inference_mode`."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(p) is not torch.nn.Parameter or "parametrizations." in name
+               for name, p in model.named_parameters())
 
 
 def text_config(model):

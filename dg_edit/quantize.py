@@ -37,7 +37,8 @@ QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
 # transformers' `should_convert_module` does: a prefix up to a module boundary, or a suffix.
 SKIP_MODULES = ("lm_head", "router.proj", "model.encoder.vision_tower", "model.encoder.embed_vision")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-LINEAR_PATTERN = r"re:.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# text nn.Linear modules, never the experts' `down_proj` parameter (torchao would quantize it twice)
+LINEAR_PATTERN = r"re:(?!.*experts).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class QuantizationUnavailable(ValueError):
@@ -139,26 +140,73 @@ def quantization_config(name: str, dtype: torch.dtype):
 
 
 def after_load(name: str, model) -> None:
-    """Finish what the transformers config cannot do; for nf4, quantize the 3-D experts.
-
-    The encoder's and decoder's layers share every weight (tied). The experts are quantized once, in
-    the decoder's modules, and each encoder layer is given the same experts module, so the two stay
-    one set of weights.
-    """
+    """Finish what the transformers config cannot do; for nf4, quantize the 3-D experts."""
     if name != "nf4":
         return
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
     from . import hf_adapter as hf
 
-    for encoder_layer, decoder_layer in hf.paired_text_layers(model):
-        experts = decoder_layer.experts
+    for _, decoder_layer in hf.paired_text_layers(model):
         for param in EXPERT_PARAMS:
-            replace_parameter_4bit(experts, param, quant_type="nf4", blocksize=METHODS["nf4"].block)
-        if encoder_layer is not None:
-            encoder_layer.experts = experts
+            replace_parameter_4bit(decoder_layer.experts, param, quant_type="nf4", blocksize=METHODS["nf4"].block)
+    share_layers(model, experts_only=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def quantize_in_place(name: str, model) -> None:
+    """Quantize a model that is already in memory, the same weights as a load would (bench/gpu.py
+    builds the 26B shape with random weights: there is no checkpoint to load through a config).
+
+    torchao's `quantize_` for int8/fp8; for nf4 bitsandbytes' parameter quantizer on the same
+    nn.Linear weights `BitsAndBytesConfig` would swap for Linear4bit, and on the experts. The
+    decoder's layers are quantized and the encoder's are given the same modules (`share_layers`).
+    """
+    method = check_available(name)
+    if method is None:
+        return
+    from . import hf_adapter as hf
+
+    decoder = hf.decoder_module(model)
+    if name == "nf4":
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+        for module_name, module in list(decoder.named_modules()):
+            if is_skipped(module_name):
+                continue
+            if module_name.endswith("experts"):
+                params = EXPERT_PARAMS
+            elif isinstance(module, torch.nn.Linear):
+                params = ("weight",)
+            else:
+                continue
+            for param in params:
+                replace_parameter_4bit(module, param, quant_type="nf4", blocksize=method.block)
+    else:
+        from torchao.quantization import quantize_
+
+        config = quantization_config(name, hf.embedding_dtype(model)).quant_type
+        quantize_(decoder, config, filter_fn=None)
+    if method.experts_implementation:
+        hf.set_experts_implementation(model, method.experts_implementation)
+    share_layers(model, experts_only=False)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def share_layers(model, experts_only: bool) -> None:
+    """Give each encoder layer its decoder layer's (quantized) experts and, unless `experts_only`,
+    nn.Linear modules: the two share every weight (tied), and must keep sharing one quantized copy."""
+    from . import hf_adapter as hf
+
+    for encoder_layer, decoder_layer in hf.paired_text_layers(model):
+        if encoder_layer is None:
+            continue
+        for module_name, module in list(decoder_layer.named_modules()):
+            if module_name == "experts" or (not experts_only and isinstance(module, torch.nn.Linear)
+                                            and not is_skipped(module_name)):
+                encoder_layer.set_submodule(module_name, module)
 
 
 def inference_context(name: str):

@@ -98,6 +98,11 @@ def vocab_pass(processed_logits: torch.Tensor,  # [B, L, V] temperature-scaled
         argmax = current_canvas.reshape(n).clone()
     else:
         argmax = torch.argmax(logits, dim=-1)  # every position, as the reference (no [N, V] temporary)
+    if noise is None and spec.draw == "multinomial" and logits.device.type != "cpu":
+        # Chunked exponential_ draws equal one call's only on a CPU (elementwise from one stream); a CUDA
+        # generator advances by a rounded offset per call, so there the draws are made in one call, as
+        # torch.multinomial makes them (one more [B*L, V] buffer, and parity with generate kept).
+        noise = draw_noise(spec, b, width, generator, logits.device)
     uniform = None
     if spec.draw == "inverse_cdf":
         uniform = noise.uniform if noise is not None else torch.rand((n, 1), generator=generator, device=logits.device)

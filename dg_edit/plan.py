@@ -128,6 +128,7 @@ class WeightBytes:
     experts_bytes: int
     quantized_parameters: int  # parameters stored quantized
     kept_parameters: int  # parameters left in the load dtype
+    load_peak: int  # bytes while loading: nf4 reads the experts at the load dtype, then quantizes them
 
 
 def meta_model(config):
@@ -163,9 +164,12 @@ def weight_bytes(config, dtype: torch.dtype, quantize: str = "none", model=None)
             if is_expert:
                 experts_params += numel
                 experts_bytes += nbytes
+    load_peak = total
+    if quantize in q.QUANTIZED_AFTER_LOAD:
+        load_peak = total - experts_bytes + experts_params * size
     return WeightBytes(total=int(total), parameters=params, experts_parameters=experts_params,
                        experts_bytes=int(experts_bytes), quantized_parameters=quantized,
-                       kept_parameters=params - quantized)
+                       kept_parameters=params - quantized, load_peak=int(load_peak))
 
 
 # ------------------------------------------------------------------ one denoising step
@@ -212,7 +216,8 @@ class Plan:
     kv_session_bytes: int  # the document's prefix cache (full states of every layer)
     step_bytes: int
     margin_bytes: int
-    total_bytes: int
+    total_bytes: int  # serving: weights, KV caches, one step, margin
+    load_peak_bytes: int  # loading: weights as they are read (see WeightBytes.load_peak), margin
     budget_bytes: int | None
     budget_source: str
     fits: bool | None
@@ -239,6 +244,9 @@ class Plan:
             f"margin         {gb(self.margin_bytes)}",
             f"total          {gb(self.total_bytes)}",
         ]
+        if self.load_peak_bytes > self.total_bytes:
+            lines.append(f"load peak      {gb(self.load_peak_bytes)} (the experts are read at {self.dtype}, then "
+                         f"quantized to {self.quantize} layer by layer)")
         if self.budget_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"on {self.device:11} {verdict} in {gb(self.budget_bytes)} ({self.budget_source})")
@@ -264,13 +272,16 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
     subtotal = weights.total + kv_request + kv_session + step
     margin = int(subtotal * MARGIN_FRACTION) + (MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
     total = subtotal + margin
-    fits = None if budget_bytes is None else total <= budget_bytes
+    load_peak = weights.load_peak + int(weights.load_peak * MARGIN_FRACTION) + (
+        MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
+    fits = None if budget_bytes is None else max(total, load_peak) <= budget_bytes
     plan = Plan(model=name, dtype=str(dtype).replace("torch.", ""), quantize=quantize, device=device, slots=slots,
                 rows=rows, prefix_tokens=prefix_tokens, parameters=weights.parameters,
                 experts_parameters=weights.experts_parameters, weights_bytes=weights.total,
                 experts_bytes=weights.experts_bytes, quantized_parameters=weights.quantized_parameters,
                 kv_bytes_per_token=kv_token, kv_bytes_per_1k_tokens=kv_token * 1000, kv_request_bytes=kv_request,
                 kv_session_bytes=kv_session, step_bytes=step, margin_bytes=margin, total_bytes=total,
+                load_peak_bytes=load_peak,
                 budget_bytes=budget_bytes, budget_source=budget_source, fits=fits,
                 quantization=q.describe(quantize))
     if with_options and fits is False:
@@ -293,9 +304,9 @@ def _options_that_fit(config, plan: Plan, model) -> list[str]:
             if other.fits:
                 flags = " ".join(f for f in (dtype_flag, f"--quantize {method}" if method != plan.quantize else "")
                                  if f)
-                options.append(f"{flags} (needs {_gb(other.total_bytes)})")
+                options.append(f"{flags} (needs {_gb(max(other.total_bytes, other.load_peak_bytes))})")
     if plan.device.startswith("cuda") and plan.budget_bytes is not None:
-        over = plan.total_bytes - plan.budget_bytes
+        over = max(plan.total_bytes, plan.load_peak_bytes) - plan.budget_bytes
         options.append(f"--device-map auto (accelerate offloads about {_gb(over)} of weights to CPU RAM; "
                        "slower: those layers cross PCIe every step)")
     return options
@@ -344,7 +355,8 @@ def check_fits(config, *, name: str, dtype: torch.dtype, quantize: str, device: 
     if plan.fits is False:
         options = "; ".join(plan.options_that_fit) or "none on this device"
         raise ModelDoesNotFit(
-            f"{name} does not fit on {device}: it needs {_gb(plan.total_bytes)} (weights {_gb(plan.weights_bytes)} "
+            f"{name} does not fit on {device}: it needs {_gb(max(plan.total_bytes, plan.load_peak_bytes))} "
+            f"({'to load; ' if plan.load_peak_bytes > plan.total_bytes else ''}weights {_gb(plan.weights_bytes)} "
             f"{plan.dtype}{'' if quantize == 'none' else ' quantized ' + quantize}, KV cache "
             f"{_gb(plan.kv_request_bytes + plan.kv_session_bytes)} for a {prefix_tokens:,}-token prefix, one step "
             f"{_gb(plan.step_bytes)} for {plan.slots} slots x {plan.rows} rows, margin {_gb(plan.margin_bytes)}) "

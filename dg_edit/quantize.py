@@ -77,6 +77,11 @@ METHODS: dict[str, Method] = {
 }
 
 
+# Methods whose 3-D experts are quantized after `from_pretrained` (no transformers quantizer reaches them
+# while loading): the plan counts them at the load dtype until then.
+QUANTIZED_AFTER_LOAD = ("nf4",)
+
+
 def check_choice(name: str | None) -> str:
     """The normalized method name; a one-line `ValueError` for anything else."""
     name = "none" if name in (None, "") else str(name).lower()

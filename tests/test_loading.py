@@ -103,11 +103,17 @@ def test_plan_of_the_26b_fixture():
     assert bf16.kv_bytes_per_token == 25 * 2 * 8 * 256 * 2 + 5 * 2 * 2 * 512 * 2 == plan.kv_bytes_per_token(config)
     assert bf16.kv_bytes_per_1k_tokens == 1000 * bf16.kv_bytes_per_token
     assert bf16.fits  # an 80 GB H100/A100
-    nf4 = plan.make_plan(config, dtype=torch.bfloat16, quantize="nf4", device="cuda", budget_bytes=int(32e9))
+    nf4 = plan.make_plan(config, dtype=torch.bfloat16, quantize="nf4", device="cuda", budget_bytes=int(80e9))
     assert nf4.experts_bytes < 0.3 * bf16.experts_bytes  # the experts are 4-bit, not left in bf16
-    assert nf4.weights_bytes < 18e9 and nf4.fits  # an RTX 5090
-    small = plan.make_plan(config, dtype=torch.bfloat16, device="cuda", budget_bytes=int(24e9))
-    assert small.fits is False and any(o.startswith("--quantize nf4") for o in small.options_that_fit)
+    assert nf4.weights_bytes < 18e9 and nf4.total_bytes < 24e9  # served from an RTX 5090's 32 GB...
+    # ...but loading reads the experts in bf16 before quantizing them, and the plan says so
+    assert nf4.load_peak_bytes > 45e9 and nf4.fits
+    assert plan.make_plan(config, dtype=torch.bfloat16, quantize="nf4", device="cuda",
+                          budget_bytes=int(32e9)).fits is False
+    int8 = plan.make_plan(config, dtype=torch.bfloat16, quantize="int8", device="cuda", budget_bytes=int(40e9))
+    assert int8.experts_bytes < 0.55 * bf16.experts_bytes and int8.load_peak_bytes < int8.total_bytes and int8.fits
+    small = plan.make_plan(config, dtype=torch.bfloat16, device="cuda", budget_bytes=int(40e9))
+    assert small.fits is False and any(o.startswith("--quantize int8") for o in small.options_that_fit)
 
 
 def _run_cli(*args, timeout=240, env=None):
@@ -116,14 +122,14 @@ def _run_cli(*args, timeout=240, env=None):
 
 
 def test_dg_edit_plan_json_and_bad_input():
-    r = _run_cli("plan", str(FIXTURE), "--gpu-memory", "32GB", "--quantize", "nf4", "--json")
+    r = _run_cli("plan", str(FIXTURE), "--gpu-memory", "40GB", "--quantize", "int8", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     for key in ("weights_bytes", "kv_bytes_per_1k_tokens", "step_bytes", "fits"):
         assert key in data
-    assert data["fits"] is True and data["quantize"] == "nf4"
-    text = _run_cli("plan", str(FIXTURE / "config.json"), "--gpu-memory", "24GB")
-    assert text.returncode == 0 and "does NOT fit" in text.stdout and "--quantize nf4" in text.stdout
+    assert data["fits"] is True and data["quantize"] == "int8"
+    text = _run_cli("plan", str(FIXTURE / "config.json"), "--gpu-memory", "40GB")
+    assert text.returncode == 0 and "does NOT fit" in text.stdout and "--quantize int8" in text.stdout
     for bad, words in ((["--quantize", "q3"], "unknown --quantize"), (["--gpu-memory", "lots"], "not a memory size")):
         r = _run_cli("plan", str(FIXTURE), *bad)
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1
@@ -147,10 +153,10 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(too_big_model_dir, co
     # float32 on this CPU (dtype auto) is 102 GB of weights; the budget is made explicit so the test does not
     # depend on this machine's RAM
     r = _run_cli(*command, "--model", str(too_big_model_dir), "--device-map", "auto", "--max-memory",
-                 "cpu=24GB", timeout=120)
+                 "cpu=40GB", timeout=120)
     assert r.returncode == 2
     assert "does not fit on cpu" in r.stderr and "GB" in r.stderr and "Options that fit:" in r.stderr
-    assert "--quantize nf4" in r.stderr  # 24 GB holds the 4-bit model in bf16
+    assert "--dtype bfloat16 --quantize int8" in r.stderr  # 40 GB holds the int8 model
     assert "cannot load" not in r.stderr and "Traceback" not in r.stderr
 
 

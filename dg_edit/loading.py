@@ -95,6 +95,8 @@ def pretrained_kwargs(options: LoadOptions, *, device: str, dtype: torch.dtype) 
         kwargs["device_map"] = "auto"
         if options.max_memory:
             kwargs["max_memory"] = dict(options.max_memory)
+    elif q.stages_on_host(options.quantize, device):
+        kwargs["device_map"] = {"": "cpu"}  # nf4: read into RAM, experts quantized onto `device` (after_load)
     else:
         kwargs["device_map"] = {"": device}  # every tensor straight to its device as it is read
     config = q.quantization_config(options.quantize, dtype)
@@ -127,6 +129,6 @@ def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load model from {path}: {e}") from None
-    q.after_load(options.quantize, model)
+    q.after_load(options.quantize, model, device)
     model.eval()
     return model, tokenizer, plan

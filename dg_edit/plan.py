@@ -128,7 +128,8 @@ class WeightBytes:
     experts_bytes: int
     quantized_parameters: int  # parameters stored quantized
     kept_parameters: int  # parameters left in the load dtype
-    load_peak: int  # bytes while loading: nf4 reads the experts at the load dtype, then quantizes them
+    load_peak: int  # device bytes while loading (nf4 quantizes the experts after reading them)
+    host_staging: int  # host bytes while loading (nf4 on an accelerator stages the model in RAM), else 0
 
 
 def meta_model(config):
@@ -139,13 +140,14 @@ def meta_model(config):
         return hf.api().DiffusionGemmaForBlockDiffusion(config)
 
 
-def weight_bytes(config, dtype: torch.dtype, quantize: str = "none", model=None) -> WeightBytes:
-    """Bytes of every distinct parameter at `dtype`, or quantized where `quantize` quantizes it."""
+def weight_bytes(config, dtype: torch.dtype, quantize: str = "none", model=None, device: str = "cpu") -> WeightBytes:
+    """Bytes of every distinct parameter at `dtype`, or quantized where `quantize` quantizes it; and
+    the peaks while loading on `device` (see `dg_edit.quantize.stages_on_host`)."""
     quantize = q.check_choice(quantize)
     model = meta_model(config) if model is None else model
     size = element_size(dtype)
     seen: set[int] = set()
-    total = params = experts_params = experts_bytes = quantized = 0
+    total = params = experts_params = experts_bytes = quantized = largest_expert = 0
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -164,12 +166,17 @@ def weight_bytes(config, dtype: torch.dtype, quantize: str = "none", model=None)
             if is_expert:
                 experts_params += numel
                 experts_bytes += nbytes
-    load_peak = total
+                largest_expert = max(largest_expert, numel * size)
+    load_peak, host = total, 0
     if quantize in q.QUANTIZED_AFTER_LOAD:
-        load_peak = total - experts_bytes + experts_params * size
+        read = total - experts_bytes + experts_params * size  # the experts as read, before quantizing
+        if q.stages_on_host(quantize, device):
+            load_peak, host = total + largest_expert, read  # one expert tensor at a time goes to the device
+        else:
+            load_peak = read
     return WeightBytes(total=int(total), parameters=params, experts_parameters=experts_params,
                        experts_bytes=int(experts_bytes), quantized_parameters=quantized,
-                       kept_parameters=params - quantized, load_peak=int(load_peak))
+                       kept_parameters=params - quantized, load_peak=int(load_peak), host_staging=int(host))
 
 
 # ------------------------------------------------------------------ one denoising step
@@ -218,6 +225,7 @@ class Plan:
     margin_bytes: int
     total_bytes: int  # serving: weights, KV caches, one step, margin
     load_peak_bytes: int  # loading: weights as they are read (see WeightBytes.load_peak), margin
+    host_staging_bytes: int  # host RAM a load stages the model in (nf4 on an accelerator), else 0
     budget_bytes: int | None
     budget_source: str
     fits: bool | None
@@ -247,6 +255,9 @@ class Plan:
         if self.load_peak_bytes > self.total_bytes:
             lines.append(f"load peak      {gb(self.load_peak_bytes)} (the experts are read at {self.dtype}, then "
                          f"quantized to {self.quantize} layer by layer)")
+        if self.host_staging_bytes:
+            lines.append(f"host RAM       {gb(self.host_staging_bytes)} while loading (the model is read into RAM, "
+                         f"each expert tensor quantized on {self.device}, then the rest moved there)")
         if self.budget_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"on {self.device:11} {verdict} in {gb(self.budget_bytes)} ({self.budget_source})")
@@ -263,7 +274,7 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
     quantize = q.check_choice(quantize)
     slots = int(slots or getattr(config, "canvas_length", None) or 256)
     model = meta_model(config) if model is None else model
-    weights = weight_bytes(config, dtype, quantize, model=model)
+    weights = weight_bytes(config, dtype, quantize, model=model, device=device)
     kv_dtype = dtype  # the cache holds activations in the compute dtype, quantized or not
     kv_token = kv_bytes_per_token(config, kv_dtype)
     kv_request = kv_bytes(config, kv_dtype, prefix_tokens) * rows
@@ -281,7 +292,7 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
                 experts_bytes=weights.experts_bytes, quantized_parameters=weights.quantized_parameters,
                 kv_bytes_per_token=kv_token, kv_bytes_per_1k_tokens=kv_token * 1000, kv_request_bytes=kv_request,
                 kv_session_bytes=kv_session, step_bytes=step, margin_bytes=margin, total_bytes=total,
-                load_peak_bytes=load_peak,
+                load_peak_bytes=load_peak, host_staging_bytes=weights.host_staging,
                 budget_bytes=budget_bytes, budget_source=budget_source, fits=fits,
                 quantization=q.describe(quantize))
     if with_options and fits is False:
@@ -352,6 +363,12 @@ def check_fits(config, *, name: str, dtype: torch.dtype, quantize: str, device: 
     budget, source = device_budget(device, max_memory, device_map)
     plan = make_plan(config, name=name, dtype=dtype, quantize=quantize, device=device,
                      prefix_tokens=prefix_tokens, budget_bytes=budget, budget_source=source)
+    if plan.host_staging_bytes and plan.host_staging_bytes > host_available():
+        raise ModelDoesNotFit(
+            f"{name} with --quantize {quantize} on {device} is read into host RAM first "
+            f"({_gb(plan.host_staging_bytes)}) and {_gb(host_available())} is available. Options: "
+            "--quantize int8 or fp8 (quantized as they are read, straight on the device). See: dg-edit plan "
+            f"{name} --quantize {quantize}", plan)
     if plan.fits is False:
         options = "; ".join(plan.options_that_fit) or "none on this device"
         raise ModelDoesNotFit(

@@ -112,7 +112,6 @@ def figures(model, args, label: str) -> dict:
         sc = torch.zeros((1, canvas, vocab), device=device, dtype=hf.embedding_dtype(model))
         fwd_times, _ = timed(lambda: hf.decoder_forward(model, cache, tokens, positions, None, sc), device,
                              args.repeats * 2)
-        del cache, sc
     out["forward_ms"] = statistics.median(fwd_times)
 
     # engine / model.generate at identical tokens (plain canvas, the reference's draws)

@@ -27,15 +27,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace as replace_fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import hf_adapter as hf, quantize, sampler, step as step_fn
+from . import hf_adapter as hf, sampler, step as step_fn
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
@@ -164,7 +163,7 @@ class Engine:
         options = options or LoadOptions()
         overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if overrides:
-            options = dataclasses.replace(options, **overrides)
+            options = replace_fields(options, **overrides)
         net, tokenizer, _ = load_model(path, options, prefix_tokens=settings.max_prefix_tokens)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
@@ -637,7 +636,7 @@ class Engine:
         k = max(1, math.ceil(request.strength * n_sel))
         with self._lock, self._inference():
             logits = hf.decoder_forward(model, batch_cache, canvas, layout.position_ids, mask_mapping)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, canvas.unsqueeze(-1)).squeeze(-1)
+            logp = sampler.chosen_log_probs(logits, canvas)  # [1, L], in row chunks
         # Least sure selection tokens first; the slack after the selection is always open to change.
         sure = logp[0, :n_sel]
         order = torch.argsort(sure)[:k]

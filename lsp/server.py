@@ -1,7 +1,8 @@
 """dg-edit language server: DiffusionGemma infilling and selection rewrite over LSP (pygls 2).
 
 Run: `dg-edit lsp` (stdio) or `dg-edit lsp --tcp 127.0.0.1:2087`, or `python -m dg_edit.lsp.server`.
-Options: `--model DIR --device --dtype --threads --config FILE` (as every dg-edit command),
+Options: `--model DIR --device --dtype --quantize --device-map --max-memory --compile --threads --config FILE`
+(as every dg-edit command; a model the memory plan says cannot fit is reported to every request),
 `--log-file FILE`, `--log-level LEVEL`. Logs go to stderr (stdout is the protocol).
 
 Model loading: `initialize` is answered at once; torch/transformers are imported from process start,

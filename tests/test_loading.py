@@ -172,3 +172,14 @@ def test_out_of_memory_fails_that_request_releases_its_cache_and_the_engine_goes
     assert "doc" not in engine._sessions  # the document's prefix cache went with the request
     assert engine.infill("def add(a, b):\n    return ", "\n", seed=1, session="other").steps >= 1
     assert "other" in engine._sessions
+
+
+async def test_the_language_server_reports_a_model_that_cannot_fit_to_every_request(too_big_model_dir):
+    from dg_edit.config import Settings
+    from dg_edit.lsp.engine_host import EngineHost, EngineUnavailable
+
+    host = EngineHost(options=LoadOptions(device_map="auto", max_memory={"cpu": "40GB"}), warm_up=False)
+    host.start(Settings(model=str(too_big_model_dir)))
+    for _ in range(2):
+        with pytest.raises(EngineUnavailable, match="does not fit on cpu.*Options that fit: --quantize int8"):
+            await host.get()

@@ -23,23 +23,35 @@ FRONT_ENDS = {
     "serve": ("dg_edit.serve.app", "websocket service streaming the canvas to web editors"),
     "tui": ("dg_edit.tui.app", "terminal editor that animates a live rewrite"),
     "eval": ("dg_edit.model.eval", "evaluate a model (humaneval-infilling, exact)"),
+    "plan": ("dg_edit.plan", "memory plan: weights, KV cache and step memory of a model, and whether it fits"),
 }
 
 
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--device/--dtype/--threads/--config: shared by every command that loads a model."""
+    """The arguments shared by every command that loads a model (see dg_edit/loading.py)."""
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="local DiffusionGemma directory (default: the embedded model)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (default: the checkpoint's dtype on a GPU, float32 on a CPU), float32, bfloat16 "
+                             "or float16")
+    parser.add_argument("--quantize", default="none", metavar="{none,int8,nf4,fp8}",
+                        help="quantize the weights while loading (int8/fp8: torchao, nf4: bitsandbytes; "
+                             "pip install 'dg-edit[quant]'); the MoE experts included")
+    parser.add_argument("--device-map", default=None, choices=["auto"],
+                        help="auto: split the layers over every GPU and offload the rest to CPU RAM (accelerate)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", default=None,
+                        help="with --device-map auto: the budget per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="run each step's tensor work through torch.compile (Settings.compile_step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--config", metavar="FILE", default=None, help="JSON settings file (see dg_edit.config)")
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The `Settings` for a command: defaults, then --config FILE, then --model.
+    """The `Settings` for a command: defaults, then --config FILE, then --model and --compile.
 
     A missing or invalid settings file is the user's mistake: `UsageError`.
     """
@@ -47,15 +59,35 @@ def settings_from_args(args: argparse.Namespace):
 
     try:
         settings = Settings.from_file(args.config) if getattr(args, "config", None) else Settings()
+        overrides = {}
         if getattr(args, "model", None):
-            settings = Settings.from_dict({"model": args.model}, base=settings)
+            overrides["model"] = args.model
+        if getattr(args, "compile", None):
+            overrides["compile_step"] = True
+        if overrides:
+            settings = Settings.from_dict(overrides, base=settings)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     return settings
 
 
+def load_options(args: argparse.Namespace):
+    """The `LoadOptions` the shared model arguments ask for; a bad value is a `UsageError`."""
+    from .loading import LoadOptions, parse_max_memory
+    from .quantize import check_choice
+
+    try:
+        return LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None) or "auto",
+                           quantize=check_choice(getattr(args, "quantize", None)),
+                           device_map=getattr(args, "device_map", None),
+                           max_memory=parse_max_memory(getattr(args, "max_memory", None)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def load_engine(args: argparse.Namespace):
-    """Load the engine a command asked for; missing files and bad settings become `UsageError`s.
+    """Load the engine a command asked for; missing files, bad settings and a model that cannot fit
+    (the memory plan's figures, before a byte is read) become `UsageError`s.
 
     Under --parallel (torchrun) every rank loads its shard here and only rank 0 returns, with an engine
     that runs each call on every rank (`dg_edit.distributed`).
@@ -71,8 +103,9 @@ def load_engine(args: argparse.Namespace):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
+    options = load_options(args)
     try:
-        return Engine.load(settings.model or None, device=args.device, dtype=args.dtype, settings=settings)
+        return Engine.load(settings.model or None, settings=settings, options=options)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 

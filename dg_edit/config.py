@@ -134,6 +134,7 @@ class Settings:
     | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
     | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
+    | compile_step | false | run the step's tensor work through torch.compile (dg_edit/step.py; bench/memory.py measures it) |
     | sampling | {} | overrides of SamplingConfig names |
     """
 
@@ -153,6 +154,7 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_inflight: int = 4
     request_timeout_s: float = 60.0
+    compile_step: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import secrets
 import signal
@@ -575,14 +576,15 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
     import torch.distributed as dist
 
     from . import hf_adapter as hf
-    from .cli import settings_from_args
+    from .cli import load_options, settings_from_args
     from .engine import Engine, check_model_dir, default_model_dir
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if getattr(args, "device", None):
-        raise UsageError("--device does not apply under --parallel: each rank uses its own accelerator "
-                         "(cuda:LOCAL_RANK) or the CPU; hide GPUs with CUDA_VISIBLE_DEVICES= to run on CPUs")
+    try:  # --device, --device-map and --quantize do not combine with --parallel (LoadOptions says why)
+        options = dataclasses.replace(load_options(args), parallel=(args.parallel, int(os.environ["WORLD_SIZE"])))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     settings = settings_from_args(args)
     mode = args.parallel
     backend, device_id = _backend(torch)
@@ -600,8 +602,7 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
 
     _, error = _attempt(check)
     _agree(startup, error, "cannot use its model")
-    engine, error = _attempt(lambda: Engine.load(settings.model or None, dtype=args.dtype, settings=settings,
-                                                 parallel=(mode, world)))
+    engine, error = _attempt(lambda: Engine.load(settings.model or None, settings=settings, options=options))
     _agree(startup, error, "cannot load its shard")
     mirror = Mirror(engine)
     _say(rank, world, f"pid {os.getpid()} holds its {mode} shard on {engine.model.device} ({backend})")

@@ -27,18 +27,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace as replace_fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import hf_adapter as hf, sampler
+from . import hf_adapter as hf, sampler, step as step_fn
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
+from .loading import LoadOptions, load_model
 from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
@@ -68,6 +69,10 @@ def check_model_dir(path: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"model directory {p} is missing {', '.join(missing)}")
     return p
+
+
+class ModelOutOfMemory(RuntimeError):
+    """The device ran out of memory during one request; that request fails, the engine goes on."""
 
 
 @dataclass
@@ -120,6 +125,9 @@ class Engine:
             pad = tokenizer.pad_token_id
         self.pad_id: int | None = pad
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        # Quantized weights (torchao, bitsandbytes tensor subclasses) fail under inference_mode.
+        self._inference = torch.no_grad if hf.is_quantized(model) else torch.inference_mode
+        self._compiled: step_fn.CompiledStep | None = None  # built on first use (Settings.compile_step)
         self._lock = threading.RLock()
         self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
@@ -129,11 +137,12 @@ class Engine:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-             settings: Settings | None = None, parallel: tuple[str, int] | None = None) -> "Engine":
+             settings: Settings | None = None, *, options: LoadOptions | None = None) -> "Engine":
         """Load a local Hugging Face directory (or the embedded default model when `model` is None).
 
-        `parallel=(mode, world_size)` loads this rank's shard under torchrun (`dg_edit.distributed`):
-        transformers places it (cuda:LOCAL_RANK, or the CPU), so `device` must be None.
+        `options` (dg_edit.loading) add quantization, a device map and the memory check; `device` and
+        `dtype`, when given, override theirs. A model the memory plan says cannot fit is refused
+        before its weights are read (`dg_edit.plan.ModelDoesNotFit`, a ValueError).
         """
         hf.check_transformers()  # before transformers is imported: one line naming the fix, not a traceback
         transformers = hf.api()
@@ -151,31 +160,20 @@ class Engine:
                 )
         path = check_model_dir(model if model not in (None, "") else default_model_dir())
         hf.check_model_type(path)
-        torch_dtype = _parse_dtype(dtype) or torch.float32
-        if parallel and device:
-            raise ValueError("--device does not apply under --parallel: each rank uses its own accelerator "
-                             "(cuda:LOCAL_RANK) or the CPU; hide GPUs with CUDA_VISIBLE_DEVICES= to run on CPUs")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # --parallel: the sharding plan for this rank (the one place it reaches from_pretrained)
-        shard_kwargs = hf.parallel_load_kwargs(path, *parallel) if parallel else {}
-        try:
-            net = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch_dtype,
-                                                                               local_files_only=True, **shard_kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"cannot load model from {path}: {e}") from None
-        if not parallel:
-            net.to(device)
+        options = options or LoadOptions()
+        overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if overrides:
+            options = replace_fields(options, **overrides)
+        net, tokenizer, _ = load_model(path, options, prefix_tokens=settings.max_prefix_tokens)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
             install_fault(net, tokenizer, fault)
-        overrides: dict[str, Any] = {}
-        extra = path / DG_EDIT_JSON
-        if extra.is_file():
-            data = json.loads(extra.read_text(encoding="utf-8"))
-            data.pop("canvas_length", None)
-            overrides = data
-        sampling = _sampling_from_generation_config(net).replace(**overrides)
+        extra: dict[str, Any] = {}
+        extra_file = path / DG_EDIT_JSON
+        if extra_file.is_file():
+            extra = json.loads(extra_file.read_text(encoding="utf-8"))
+            extra.pop("canvas_length", None)
+        sampling = _sampling_from_generation_config(net).replace(**extra)
         return cls(net, tokenizer, sampling=sampling, settings=settings, name=str(path))
 
     def with_settings(self, settings: Settings) -> "Engine":
@@ -220,7 +218,7 @@ class Engine:
                    _with_steps: bool = True, **sampling) -> Iterator[Step | Done]:
         """`infill_ids` as a stream of `Step` events and a final `Done`."""
         request = self._request_from_ids(list(prefix_ids), list(suffix_ids), max_new_tokens, seed, session, sampling)
-        return self._run(request, with_steps=_with_steps)
+        return self._guarded(request, with_steps=_with_steps)
 
     def stream(self, prefix: str, suffix: str = "", *, max_new_tokens: int | None = None, seed: int | None = None,
                session: str | None = None, single_line: bool | None = None, lengths: Sequence[int] | None = None,
@@ -237,7 +235,7 @@ class Engine:
                 raise ValueError(f"lengths must be positive integers, got {lengths!r}")
             request.lengths = lengths
             request.max_new_tokens = max(lengths)
-        return self._run(request, with_steps=_with_steps)
+        return self._guarded(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
                 strength: float = 0.6, seed: int | None = None, session: str | None = None,
@@ -268,7 +266,7 @@ class Engine:
                                           sampling, instruction=instruction, extra=extra)
         request.init_middle = sel_ids
         request.strength = float(strength)
-        return self._run(request, with_steps=_with_steps)
+        return self._guarded(request, with_steps=_with_steps)
 
     def forget(self, session: str) -> None:
         """Drop a document's prefix cache (the editor closed it)."""
@@ -414,12 +412,33 @@ class Engine:
         return comment
 
     # ------------------------------------------------------------------ the loop
+    def _guarded(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
+        """`_run`, with running out of memory turned into `ModelOutOfMemory` for this request only.
+
+        The request's own tensors go when its generator unwinds; the document's prefix cache may be
+        half-written and is dropped too, and a GPU's cached blocks go back to the driver, so the next
+        request starts from the memory the plan counted.
+        """
+        try:
+            yield from self._run(request, with_steps)
+        except torch.OutOfMemoryError as e:
+            if request.session is not None:
+                self.forget(request.session)
+            device = self.model.device
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            raise ModelOutOfMemory(
+                f"out of memory on {device} while denoising this request ({first_line}); its caches were "
+                "released. Ask for fewer tokens or candidates, or see `dg-edit plan` for a setting that "
+                "fits") from None
+
     def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
         t0 = time.perf_counter()
         model = self.model
         stop_ids = set(self.eos_ids)  # as the reference: EOS ends the output, pad only follows it
         # 1.a Encode the prefix (reusing this document's cache).
-        with self._lock, torch.inference_mode():
+        with self._lock, self._inference():
             entry = self._sessions.get(request.session) if request.session is not None else None
             # Sessions encode in position-aligned chunks (warm == cold, bitwise); one-off requests in one
             # pass, as generate does.
@@ -466,7 +485,7 @@ class Engine:
             ended = block.ended or final
             if not ended and len(middle) < request.max_new_tokens:
                 # 1.f Encode this block so the next canvas continues after it.
-                with self._lock, torch.inference_mode():
+                with self._lock, self._inference():
                     encode_chunk(model, cache, take, cur_len)
                 cur_len += len(take)
         text_ids = middle
@@ -528,60 +547,48 @@ class Engine:
         absorbing = cfg.noise == "mask"
         token_logp = torch.zeros((b, width), dtype=torch.float32, device=device) if absorbing else None
         line_ends = self._line_ends(stop_ids) if absorbing and request.single_line else None  # [V] bool
+        spec = step_fn.StepSpec(cfg=cfg, vocab_size=self.vocab_size, draw=draw, fixed=fixed,
+                                single_line=line_ends is not None)
+        compiled = self._compiled_step() if self.settings.compile_step else None
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
             forwards += 1
-            with self._lock, torch.inference_mode():
+            with self._lock, self._inference():
                 # 1.c.i Decoder forward with self-conditioning.
-                raw_logits = hf.decoder_forward(  # [B, L, V]
+                processed_logits = hf.decoder_forward(  # [B, L, V]
                     model, batch_cache, current_canvas,
                     layout.position_ids[:1] if not fixed else layout.position_ids,
                     mask_mapping, self_conditioning_logits)
-                # 1.c.ii Temperature, denoiser sample, argmax draft.
-                processed_logits = sampler.temperature_scale(raw_logits, steps_remaining, cfg)
-                if absorbing:  # only masked positions are sampled; unmasked tokens are final (entropy 0)
-                    was_masked = current_canvas == cfg.mask_token_id  # [B, L]
-                    need = was_masked if candidates is None else was_masked & candidates
-                    denoiser_canvas, new_argmax_canvas, entropy, denoiser_logp, argmax_logp = (
-                        sampler.denoise_masked_positions(processed_logits, current_canvas, need, generator, draw))
-                else:
-                    denoiser_canvas = sampler.sample_denoiser_canvas(processed_logits, generator, draw)
-                    new_argmax_canvas = torch.argmax(processed_logits, dim=-1)
-                    entropy, _ = sampler.token_entropy_and_log_probs(processed_logits)  # [B, L] (also 1.c.iv)
-                # 1.c.iii Accept by entropy bound, renoise the rest.
-                accepted_canvas, accepted = sampler.entropy_bound_accept(
-                    current_canvas, denoiser_canvas, entropy, cfg.entropy_bound, candidates)
-                new_current_canvas = sampler.renoise(accepted_canvas, accepted, self.vocab_size, cfg, generator, keep)
-                if absorbing:
-                    new_token_logp = sampler.commit_logp(token_logp, was_masked, accepted, denoiser_logp, argmax_logp)
-                    # the draft shows the tokens committed this step: they are final
-                    new_argmax_canvas = torch.where(accepted, denoiser_canvas, new_argmax_canvas)
-                if fixed:
-                    new_argmax_canvas = torch.where(layout.clamped, layout.clamped_ids, new_argmax_canvas)
-                # 1.c.iv Stopping per row; finished rows keep their last state.
+                # 1.c.ii Temperature, in place: the raw logits are not needed again.
+                sampler.temperature_scale_(processed_logits, steps_remaining, cfg)
                 if any_finished:
-                    new_argmax_canvas = torch.where(finished[:, None], argmax_canvas, new_argmax_canvas)
-                    new_current_canvas = torch.where(finished[:, None], current_canvas, new_current_canvas)
-                    processed_logits = torch.where(finished[:, None, None], self_conditioning_logits,
-                                                   processed_logits)
-                    if absorbing:
-                        new_token_logp = torch.where(finished[:, None], token_logp, new_token_logp)
-                # (Rows that stopped earlier keep stale logits; their entropy no longer matters.)
-                stop, history = sampler.stable_and_confident(
-                    history, new_argmax_canvas, entropy, cfg, layout.candidates if fixed else None)
-                if line_ends is not None:  # the line is unmasked through its end: no later step changes it
-                    stop = stop | sampler.line_decided(new_current_canvas, line_ends, cfg.mask_token_id,
-                                                       layout.middle)
-                finished = finished | stop
-                # 1.c.v Self-conditioning for the next step.
+                    # Finished rows keep last step's logits (the reference's where(), done in place and
+                    # before sampling: their draws are discarded, and draws do not depend on the values).
+                    torch.where(finished[:, None, None], self_conditioning_logits, processed_logits,
+                                out=processed_logits)
+                self_conditioning_logits = None  # the one [B, L, V] buffer beyond this step's logits
+                was_masked = current_canvas == cfg.mask_token_id if absorbing else None  # [B, L]
+                need = step_fn.need_mask(spec, current_canvas, candidates)
+                if compiled is not None:
+                    noise = step_fn.draw_noise(spec, b, width, generator, device)
+                    vocab = compiled.vocab_pass(processed_logits, current_canvas, need, spec, noise)
+                    update = compiled.update
+                else:
+                    vocab = step_fn.vocab_pass(processed_logits, current_canvas, need, spec, generator)
+                    update = step_fn.update
+                # 1.c.iii Accept by entropy bound, renoise the rest; 1.c.iv stop test per row.
+                noise_canvas = sampler.initial_canvas(b, width, self.vocab_size, cfg, generator, device)
+                out = update(spec, vocab, current_canvas, argmax_canvas, noise_canvas, finished, history,
+                             token_logp, was_masked, candidates, keep,
+                             layout.clamped if fixed else None, layout.clamped_ids if fixed else None,
+                             layout.middle if line_ends is not None else None, line_ends)
+                current_canvas, argmax_canvas, accepted = out.current_canvas, out.argmax_canvas, out.accepted
+                finished, history, token_logp = out.finished, out.history, out.token_logp
+                # 1.c.v Self-conditioning for the next step (no copy when the embeddings are float32).
                 self_conditioning_logits = processed_logits.to(embeddings_dtype)
-                current_canvas, argmax_canvas = new_current_canvas, new_argmax_canvas
-                if absorbing:
-                    token_logp = new_token_logp
                 # The step's one host sync. NaN/inf logits make NaN entropy: raised here, before a garbage
                 # draft can be shown.
-                nonfinite, any_finished, all_finished = torch.stack(
-                    (entropy.isnan().any(), finished.any(), finished.all())).tolist()
+                nonfinite, any_finished, all_finished = out.flags.tolist()
                 if nonfinite:
                     raise sampler.NonFiniteLogits()
             if with_steps:
@@ -589,6 +596,7 @@ class Engine:
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
                                        middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
                                        token_logp, line_ends)
+            del processed_logits
             if all_finished:
                 break
         # 1.d Choose the row.
@@ -598,6 +606,12 @@ class Engine:
         end, ended = middle_end(row_ids, stop_ids)
         return _BlockResult(ids=row_ids[:end], ended=ended, forwards=forwards, row=row,
                             scores=tuple(scores))
+
+    def _compiled_step(self) -> step_fn.CompiledStep:
+        """The torch.compile'd step functions (Settings.compile_step), built once per engine."""
+        if self._compiled is None:
+            self._compiled = step_fn.CompiledStep(self.model.device)
+        return self._compiled
 
     def _line_ends(self, stop_ids: set[int]) -> torch.Tensor | None:
         """[V] bool: tokens that end a line (their text has a newline) or the middle (`stop_ids`).
@@ -631,9 +645,8 @@ class Engine:
         if b == 1:
             return 0, [0.0]
         if token_logp is None:
-            logp = torch.log_softmax(logits.float(), dim=-1)  # [B, L, V]
             ids = torch.where(layout.clamped, layout.clamped_ids, argmax_canvas)
-            token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+            token_logp = sampler.chosen_log_probs(logits, ids)  # [B, L], in row chunks
             with_head = True
         else:
             with_head = False
@@ -677,9 +690,9 @@ class Engine:
         canvas = torch.where(layout.clamped, layout.clamped_ids, canvas)
         n_sel = min(len(request.init_middle), slots)
         k = max(1, math.ceil(request.strength * n_sel))
-        with self._lock, torch.inference_mode():
+        with self._lock, self._inference():
             logits = hf.decoder_forward(model, batch_cache, canvas, layout.position_ids, mask_mapping)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, canvas.unsqueeze(-1)).squeeze(-1)
+            logp = sampler.chosen_log_probs(logits, canvas)  # [1, L], in row chunks
         # Least sure selection tokens first; the slack after the selection is always open to change.
         sure = logp[0, :n_sel]
         order = torch.argsort(sure)[:k]
@@ -703,7 +716,7 @@ class Engine:
         if token_logp is not None:  # absorbing noise: each token's probability when it was unmasked
             confidence = token_logp[row, :end].exp().tolist()
         else:
-            confidence = torch.softmax(processed_logits[row, :end].float(), dim=-1).max(dim=-1).values.tolist()
+            confidence = sampler.top_probability(processed_logits[row, :end]).tolist()
         acc = accepted[row, :end].tolist()
         tokens: tuple[Token, ...] = ()
         text = ""
@@ -740,16 +753,6 @@ def _last(events: Iterator[Step | Done]) -> Done:
         pass
     assert isinstance(result, Done)
     return result
-
-
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
 
 
 def _sampling_from_generation_config(model) -> SamplingConfig:

@@ -12,6 +12,7 @@ Kinds (per affected request, counting its decoder forward passes = denoising ste
     nan[:N]     the logits of step N onwards are NaN (default 1)
     slow:S      every step sleeps S seconds first (a slow model; holds the engine lock, as a slow
                 forward would)
+    oom[:N]     torch.OutOfMemoryError at step N (default 2): "the GPU ran out of memory mid-canvas"
 
 Never set it outside tests: the server prints a warning on stderr when a fault is installed.
 """
@@ -25,11 +26,13 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 from . import hf_adapter as hf
 
 FAULT_ENV = "DG_EDIT_FAULT"
 MARKER = "DG_EDIT_FAULT_HERE"
-KINDS = ("raise", "nan", "slow")
+KINDS = ("raise", "nan", "slow", "oom")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Fault:
         kind, _, arg = spec.partition(":")
         if kind not in KINDS:
             raise ValueError(f"{FAULT_ENV}={spec!r}: kind must be one of {', '.join(KINDS)}")
-        default = {"raise": 2, "nan": 1, "slow": 0.1}[kind]
+        default = {"raise": 2, "nan": 1, "slow": 0.1, "oom": 2}[kind]
         try:
             value = float(arg) if arg else float(default)
         except ValueError:
@@ -80,6 +83,9 @@ def install(model, tokenizer, spec: str) -> Fault:
             step = marked[cache]
         if fault.kind == "raise" and step >= fault.arg:
             raise RuntimeError(f"injected fault ({FAULT_ENV}=raise): the model failed at denoising step {step}")
+        if fault.kind == "oom" and step >= fault.arg:
+            raise torch.OutOfMemoryError(f"injected fault ({FAULT_ENV}=oom): CUDA out of memory at denoising "
+                                         f"step {step}")
         if fault.kind == "slow":
             time.sleep(fault.arg)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -88,7 +89,12 @@ def check_transformers() -> str:
 
 def check_model_type(model_dir: str | Path) -> None:
     """Raise `NotDiffusionGemma` naming the `model_type` of a config.json that is not DiffusionGemma."""
-    path = Path(model_dir) / "config.json"
+    check_model_type_file(Path(model_dir) / "config.json")
+
+
+def check_model_type_file(path: str | Path) -> None:
+    """`check_model_type` for a config.json given by its own path."""
+    path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -104,8 +110,14 @@ def check_model_type(model_dir: str | Path) -> None:
 def api() -> ModuleType:
     """The `transformers` module with the names dg-edit uses resolved, imported under one lock."""
     with _IMPORT_LOCK:
+        # With torchao installed (the quant extra), importing a model imports torchao, which warns on
+        # stderr about CUDA-only extensions it cannot load on a CPU build; a CLI's stderr is for its
+        # own messages. (transformers 5.23+ imports its torchao quantizer eagerly.)
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).level, logging.ERROR))
         import transformers
-        from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
+        from transformers import (AutoConfig, AutoTokenizer, DiffusionGemmaConfig,  # noqa: F401
+                                  DiffusionGemmaForBlockDiffusion, DynamicCache)
         from transformers.models.diffusion_gemma import modeling_diffusion_gemma  # noqa: F401
     return transformers
 
@@ -141,7 +153,50 @@ def hook_cache(kwargs: dict[str, Any]):
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def config_from_json(path: str | Path):
+    """A `DiffusionGemmaConfig` from a config.json (the memory plan builds the model on meta from it)."""
+    return api().DiffusionGemmaConfig.from_json_file(str(path))
+
+
 # ------------------------------------------------------------------ modules and dtypes
+def paired_text_layers(model) -> list[tuple[torch.nn.Module | None, torch.nn.Module]]:
+    """(encoder layer, decoder layer) for each text layer; the two share every weight (tied)."""
+    decoder_layers = list(model.model.decoder.layers)
+    encoder = getattr(model.model.encoder, "language_model", None)
+    encoder_layers = list(encoder.layers) if encoder is not None else [None] * len(decoder_layers)
+    return list(zip(encoder_layers, decoder_layers))
+
+
+def decoder_module(model) -> torch.nn.Module:
+    """The decoder: its text layers own the weights the encoder's layers share (tied)."""
+    return model.model.decoder
+
+
+def set_experts_implementation(model, implementation: str) -> None:
+    """Switch the MoE experts' forward ("eager", "grouped_mm", ...) of a model already built."""
+    model.set_experts_implementation(implementation)
+
+
+def model_from_config(config, dtype: torch.dtype, device: str | torch.device):
+    """A randomly initialized model built directly on `device` in `dtype` (benchmarks: no checkpoint).
+
+    `_from_config` is what `AutoModel.from_config` calls; DiffusionGemmaForBlockDiffusion has no
+    Auto class for it. Under a device context the weights are allocated and initialized there.
+    """
+    with torch.device(device):
+        return api().DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+
+
+def is_quantized(model) -> bool:
+    """True for a model with quantized weights: loaded with a transformers quantization config
+    (`from_pretrained` sets `hf_quantizer`), or quantized in place (tensor subclasses, parametrized
+    weights). Such weights fail under `torch.inference_mode`."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(p) is not torch.nn.Parameter or "parametrizations." in name
+               for name, p in model.named_parameters())
+
+
 def text_config(model):
     """The decoder-side text config, which sizes the KV cache."""
     return model.config.get_text_config(decoder=True)

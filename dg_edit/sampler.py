@@ -50,6 +50,37 @@ def temperature_scale(logits: torch.Tensor, steps_remaining: int, cfg: SamplingC
     return logits / temperature
 
 
+def temperature_scale_(logits: torch.Tensor, steps_remaining: int, cfg: SamplingConfig) -> torch.Tensor:
+    """`temperature_scale` in place (the raw logits are not needed again): no second [B, L, V] buffer."""
+    steps = torch.tensor(steps_remaining, dtype=torch.int32, device=logits.device)
+    temperature = cfg.t_min + ((cfg.t_max - cfg.t_min) * (steps / cfg.max_denoising_steps))
+    return logits.div_(temperature)
+
+
+CHUNK_ROWS = 64  # rows of [*, V] processed at once by the helpers below (64 MiB at V = 262,144)
+
+
+def chosen_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] per position, a chunk of rows at a time.  [B, L, V], [B, L] -> [B, L] float32"""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_ids = ids.reshape(-1, 1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], CHUNK_ROWS):
+        rows = torch.log_softmax(flat[start:start + CHUNK_ROWS].float(), dim=-1)
+        out[start:start + CHUNK_ROWS] = rows.gather(-1, flat_ids[start:start + CHUNK_ROWS]).squeeze(-1)
+    return out.view(ids.shape)
+
+
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """max softmax(logits) per row, a chunk of rows at a time.  [N, V] -> [N] float32"""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], CHUNK_ROWS):
+        rows = logits[start:start + CHUNK_ROWS].float()
+        # max p = exp(max - logsumexp): no [N, V] probabilities
+        out[start:start + CHUNK_ROWS] = (rows.max(dim=-1).values - rows.logsumexp(dim=-1)).exp()
+    return out
+
+
 def token_entropy_and_log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy of each position's categorical, computed exactly as the reference, and the normalized
     log-probabilities the same computation makes on the way (absorbing noise records them).

@@ -86,3 +86,32 @@ async def stop_language_client(client, timeout: float) -> None:
         if proc.returncode is None:
             proc.kill()
         await client.stop()
+
+
+def first_step_top1_agreement(model_a, model_b, prompts: list[list[int]], canvas_length: int = 32,
+                              seed: int = 0) -> float:
+    """Share of canvas positions where two models' first-step logits have the same argmax.
+
+    The measure for a quantized model against its full-precision self: each prompt is encoded, a
+    random canvas (the same for both) is decoded once without self-conditioning, as the first
+    denoising step does, and the argmax tokens are compared.
+    """
+    from . import hf_adapter as hf
+
+    same = total = 0
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model_a.config.get_text_config().vocab_size
+    for ids in prompts:
+        canvas = torch.randint(0, vocab, (1, canvas_length), generator=generator)
+        positions = torch.arange(len(ids), len(ids) + canvas_length)[None]
+        argmaxes = []
+        for model in (model_a, model_b):
+            with torch.no_grad():
+                cache = hf.new_cache(model)
+                prompt = torch.tensor([ids], device=model.device)
+                hf.encoder_forward(model, cache, prompt, torch.arange(len(ids), device=model.device)[None])
+                logits = hf.decoder_forward(model, cache, canvas.to(model.device), positions.to(model.device))
+            argmaxes.append(logits.argmax(-1).cpu())
+        same += int((argmaxes[0] == argmaxes[1]).sum())
+        total += canvas_length
+    return same / total

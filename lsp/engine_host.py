@@ -62,10 +62,11 @@ class EngineHost:
     """Loads, warms up and swaps the engine; `await host.get()` returns it or raises `EngineUnavailable`."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, threads: int | None = None,
-                 warm_up: bool = True, engine: "Engine | None" = None):
+                 warm_up: bool = True, options=None, engine: "Engine | None" = None):
         self.launched = engine  # --parallel: loaded on every rank at launch; the client picks settings, not the model
         self.device = device
         self.dtype = dtype
+        self.options = options  # dg_edit.loading.LoadOptions (quantization, device map), None = defaults
         self.threads = threads  # torch CPU threads, set in the loading thread (importing torch takes seconds)
         self.warm_up = warm_up
         self._future: Future | None = None
@@ -162,7 +163,8 @@ class EngineHost:
         if self.launched is not None:
             engine = self._from_launched(settings)
         else:
-            engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings)
+            engine = Engine.load(settings.model or None, device=self.device, dtype=self.dtype, settings=settings,
+                                 options=self.options)
         if self.warm_up:
             # One short request so the first real keystroke does not pay torch's first-call costs.
             engine.infill("def f(x):\n    return ", "\n", max_new_tokens=4, max_denoising_steps=1, seed=0)

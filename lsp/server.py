@@ -1,7 +1,8 @@
 """dg-edit language server: DiffusionGemma infilling and selection rewrite over LSP (pygls 2).
 
 Run: `dg-edit lsp` (stdio) or `dg-edit lsp --tcp 127.0.0.1:2087`, or `python -m dg_edit.lsp.server`.
-Options: `--model DIR --device --dtype --threads --config FILE` (as every dg-edit command),
+Options: `--model DIR --device --dtype --quantize --device-map --max-memory --compile --threads --config FILE`
+(as every dg-edit command; a model the memory plan says cannot fit is reported to every request),
 `--log-file FILE`, `--log-level LEVEL`. Logs go to stderr (stdout is the protocol).
 
 Model loading: `initialize` is answered at once; torch/transformers are imported from process start,
@@ -95,7 +96,7 @@ from pathlib import Path
 
 from pygls.exceptions import JsonRpcException
 
-from dg_edit.cli import UsageError, add_model_arguments, load_engine, settings_from_args
+from dg_edit.cli import UsageError, add_model_arguments, load_engine, load_options, settings_from_args
 from dg_edit.distributed import add_parallel_arguments
 from dg_edit.config import Settings
 
@@ -163,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     # --parallel (torchrun): every rank loads its shard now; only rank 0 returns, to serve
     launched = load_engine(args) if args.parallel else None
     preload_imports()
-    server = build_server(settings, EngineHost(device=args.device, dtype=args.dtype, threads=args.threads,
-                                               engine=launched))
+    server = build_server(settings, EngineHost(options=load_options(args), threads=args.threads, engine=launched))
     try:
         if tcp is not None:
             server.start_tcp(*tcp)

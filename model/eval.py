@@ -102,10 +102,15 @@ def run_program(source: str, timeout: float) -> bool:
             return False
 
 
-def load_engine(model_dir: str | None, dtype: str | None = None):
+def load_engine(model_dir: str | None, dtype: str | None = None, quantize: str = "none"):
     from dg_edit import Engine
+    from dg_edit.errors import UsageError
+    from dg_edit.loading import LoadOptions
 
-    return Engine.load(model_dir, dtype=dtype)
+    try:  # an unknown or missing quantization library, a model that cannot fit: one line, exit 2
+        return Engine.load(model_dir, dtype=dtype, options=LoadOptions(quantize=quantize))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def edit_similarity(a: str, b: str) -> float:
@@ -141,7 +146,7 @@ def humaneval(args) -> int:
     problems = read_problems(args.data, args.split)[:: max(1, args.every)]
     if args.limit:
         problems = problems[: args.limit]
-    engine = load_engine(args.model, args.dtype)
+    engine = load_engine(args.model, args.dtype, args.quantize)
     single = args.split == "single-line"
     sampling = json.loads(args.sampling) if args.sampling else {}
     names = ("model",) + BASELINES
@@ -208,7 +213,7 @@ def exact(args) -> int:
     tasks = tasks[:: max(1, args.every)]
     if args.limit:
         tasks = tasks[: args.limit]
-    engine = load_engine(args.model, args.dtype)
+    engine = load_engine(args.model, args.dtype, args.quantize)
     sampling = json.loads(args.sampling) if args.sampling else {}
     names = ("model",) + BASELINES
     hits = {k: 0 for k in names}
@@ -277,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
         p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (faster on CPUs with bf16 units)")
+        p.add_argument("--quantize", default="none", help="none (default), int8, nf4 or fp8 (see dg-edit plan)")
         p.add_argument("--limit", type=int, default=0, help="only the first N tasks")
         p.add_argument("--every", type=int, default=1,
                        help="only every K-th task (an even sample across problems), before --limit")

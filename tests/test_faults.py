@@ -1,4 +1,4 @@
-"""Fault injection: a model that raises mid-canvas, returns NaN logits or is slow; a cancel after done;
+"""Fault injection: a model that raises mid-canvas, runs out of memory, returns NaN logits or is slow; a cancel after done;
 a disk that is full or a file that is read-only when the TUI saves.
 
 The servers are real processes; the model misbehaves through the test-only switch
@@ -82,6 +82,7 @@ def faulty_services(model_dir, tiny_model_dir, tmp_path_factory):
     with ServeGroup({
         "raise": ServeProcess(model, env={faults.FAULT_ENV: "raise:2"}),
         "nan": ServeProcess(model, env={faults.FAULT_ENV: "nan:2"}),
+        "oom": ServeProcess(model, env={faults.FAULT_ENV: "oom:2"}),
         "slow": ServeProcess(slow, env={faults.FAULT_ENV: f"slow:{SLOW_STEP_S}"}),
     }) as procs:
         yield procs
@@ -103,7 +104,8 @@ def infill(rid: str, prefix: str, **extra) -> str:
 
 
 @module_loop
-@pytest.mark.parametrize("kind, words", [("raise", "injected fault"), ("nan", "non-finite logits")])
+@pytest.mark.parametrize("kind, words", [("raise", "injected fault"), ("nan", "non-finite logits"),
+                                         ("oom", "out of memory on cpu while denoising this request")])
 async def test_a_failing_model_errors_that_request_only(faulty_services, kind, words):
     server = faulty_services[kind]
     async with connect(server.ws_url) as ws, connect(server.ws_url) as other:

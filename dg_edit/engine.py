@@ -3,7 +3,8 @@
 Algorithm, numbered as in `generation_diffusion_gemma.py` so the two read side by side:
 
 1. Block loop (one canvas per block; infill requests usually need one):
-   a. Encode the prefix with the encoder into a KV cache (reusing the document's `PrefixCache`).
+   a. Encode the prefix with the encoder into a KV cache (reusing the document's cached strips,
+      `dg_edit.prefix_cache`; idle prefill, `dg_edit.prefill`, fills them between requests).
    b. Lay out the canvas: middle slots, then the clamped suffix head on the last block; several
       candidate middle lengths as one batch when the middle length is unknown.
    c. For each denoising step (steps_remaining = N..1):
@@ -39,10 +40,13 @@ from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
-from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
+from .prefill import Prefiller
+from .prefix_cache import CacheStore, encode_chunk, encode_prefix, kv_bytes_per_token
+from .typed_ahead import Answer, rest_after_typing
+from .windows import Window, char_start, document_windows, token_drop
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
-_MAX_SESSIONS = 8
+_MAX_ANSWERS = 256  # typed-ahead memory: last answer per (session, seed)
 MAX_NEW_TOKENS = 8192  # a request for more is a mistake (or an attack), not a long edit
 
 
@@ -81,6 +85,10 @@ class _Request:
     generator: torch.Generator | None
     session: str | None
     single_line: bool = False
+    window: Any = None  # which cached strip of the session serves this prefix (`_prefix_window`)
+    prefix_text: str | None = None  # for typed-ahead and for ordering idle prefill (text requests)
+    suffix_text: str | None = None
+    options: Any = None  # typed-ahead: what besides the text shaped the answer
     # rewrite only: the starting middle and how strongly to renoise it
     init_middle: list[int] | None = None
     strength: float = 1.0
@@ -121,7 +129,11 @@ class Engine:
         self.pad_id: int | None = pad
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self._lock = threading.RLock()
-        self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
+        self.caches = CacheStore(self.settings.cache_budget_mb << 20, self.settings.prefix_chunk,
+                                 kv_bytes_per_token(hf.text_config(model), model.dtype))
+        self._prefill = Prefiller(self)
+        self._answers: OrderedDict[tuple, Answer] = OrderedDict()  # typed-ahead, guarded by _answers_lock
+        self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
         self.last_prefix_len = 0
@@ -212,6 +224,12 @@ class Engine:
                 raise ValueError(f"lengths must be positive integers, got {lengths!r}")
             request.lengths = lengths
             request.max_new_tokens = max(lengths)
+        if session is not None and self.settings.typed_ahead:
+            request.options = (seed, max_new_tokens, single_line, tuple(sorted(sampling.items())),
+                               tuple(lengths or ()))
+            done = self._typed_ahead(request)
+            if done is not None:
+                return iter([done])
         return self._run(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
@@ -245,9 +263,71 @@ class Engine:
         return self._run(request, with_steps=_with_steps)
 
     def forget(self, session: str) -> None:
-        """Drop a document's prefix cache (the editor closed it)."""
+        """Drop a document's caches, its pending prefill and its typed-ahead answers (the editor closed it)."""
+        self._prefill.cancel(session)
+        with self._answers_lock:
+            for key in [k for k in self._answers if k[0] == session]:
+                del self._answers[key]
         with self._lock:
-            self._sessions.pop(session, None)
+            self.caches.forget(session)
+
+    def prefill(self, session: str, text: str) -> None:
+        """The document `session` now reads `text`: encode its missing windows in the background.
+
+        Returns at once. The work waits until the editor has been quiet for
+        `Settings.idle_prefill_ms` (no `prefill` call, no request), runs at low priority one chunk at a
+        time, and pauses whenever a request runs, so it never delays one. Afterwards a request at any
+        cursor in the document encodes at most the chunk holding its cursor. Off with
+        `Settings.idle_prefill = false` (and a no-op for engines without a tokenizer).
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"text must be text (str), got {type(text).__name__}")
+        if not self.settings.idle_prefill or self.tokenizer is None:
+            return
+        self._prefill.schedule(session, text)
+
+    def prefill_now(self, session: str, text: str) -> int:
+        """Prefill `text` for `session` in this thread, now; returns the tokens encoded (tests, benchmarks)."""
+        _check_text("text", text)
+        self._need_tokenizer()
+        return self._prefill.run_now(session, text)
+
+    def wait_prefilled(self, timeout: float | None = None) -> bool:
+        """Block until scheduled idle prefill has finished; False on timeout."""
+        return self._prefill.wait_idle(timeout)
+
+    def cache_info(self) -> dict[str, Any]:
+        """Encoder caches for `dgEdit/stats` and benchmarks: bytes per token, budget, documents (least
+        recently used first) and prefill. Never waits for the engine's lock."""
+        docs = self.caches.summary
+        return {"bytes_per_token": self.caches.bytes_per_token, "budget_bytes": self.caches.budget_bytes,
+                "bytes": sum(d["bytes"] for d in docs.values()), "window_tokens": self.window_tokens,
+                "documents": docs, "prefill": self._prefill.info()}
+
+    def close(self) -> None:
+        """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep
+        what they hold)."""
+        self._prefill.cancel_all()
+        with self._lock:
+            for session in self.caches.sessions():
+                self.caches.forget(session)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held for every model call (a denoising step, an encoder chunk)."""
+        return self._lock
+
+    @property
+    def window_tokens(self) -> int:
+        """Most prefix tokens a request conditions on: `max_prefix_tokens`, within the model's positions
+        (a canvas must still fit after the prefix)."""
+        positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
+        return max(1, min(self.settings.max_prefix_tokens, positions - self.canvas_length))
+
+    def document_windows(self, text: str) -> list[Window]:
+        """Every prefix window a cursor in `text` uses (what idle prefill encodes)."""
+        return document_windows(self._need_tokenizer(), text, self.window_tokens, self.bos_id,
+                                self.settings.prefix_chunk)
 
     # ------------------------------------------------------------------ request preparation
     def _need_tokenizer(self):
@@ -282,9 +362,9 @@ class Engine:
         if not prefix_ids:
             raise ValueError("prefix_ids is empty: the encoder needs at least one token (e.g. BOS)")
         max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
-        prefix_ids = self._window_prefix(prefix_ids)
+        drop = token_drop(len(prefix_ids), self.window_tokens)
         head = list(suffix_ids)[: self.settings.suffix_head_tokens]
-        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session)
+        return _Request(prefix_ids[drop:], head, max_new_tokens, cfg, generator, session, window=("ids", drop))
 
     def _request_from_text(self, prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
                            instruction: str | None = None) -> _Request:
@@ -297,20 +377,11 @@ class Engine:
                              f"got {single_line!r}")
         tok = self._need_tokenizer()
         max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
-        budget = self.settings.max_prefix_tokens
-        # Bound tokenizer work on huge files: at most ~16 chars per token, start snapped to a fixed grid so
-        # that typing at the end keeps the same window start (and the prefix cache stays valid).
-        cap = budget * 16
-        start = 0
-        if len(prefix) > cap:
-            grid = max(cap // 4, 1)
-            start = ((len(prefix) - cap) // grid + 1) * grid
-        prefix_ids = tok.encode(prefix[start:], add_special_tokens=False)
-        prefix_ids = self._window_prefix(prefix_ids)
-        if start == 0 and len(prefix_ids) < budget and self.bos_id is not None:
-            prefix_ids = [self.bos_id] + prefix_ids
+        window, prefix_ids = self._prefix_window(prefix)
         if instruction:
-            prefix_ids = self._instruction_ids(instruction) + prefix_ids
+            lead = self._instruction_ids(instruction)
+            prefix_ids = lead + prefix_ids
+            window = (hash(tuple(lead)), *window[1:])  # its own strip: the document's stays as it is
         if not prefix_ids:
             raise ValueError("the prefix is empty and the tokenizer has no BOS token to start from")
         head_chars = max(self.settings.suffix_head_tokens, 1) * 16
@@ -322,16 +393,22 @@ class Engine:
         if single_line:
             # The answer is cut at the first newline anyway: a smaller canvas is the same answer, sooner.
             max_new_tokens = min(max_new_tokens, self.settings.single_line_tokens)
-        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line)
+        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line,
+                        window=window, prefix_text=prefix, suffix_text=suffix)
 
-    def _window_prefix(self, ids: list[int]) -> list[int]:
-        """Cut on the left in chunks of a quarter window, so the cut point moves rarely (prefix-cache friendly)."""
-        budget = self.settings.max_prefix_tokens
-        if len(ids) <= budget:
-            return ids
-        chunk = max(budget // 4, 1)
-        drop = math.ceil((len(ids) - budget) / chunk) * chunk
-        return ids[drop:]
+    def _prefix_window(self, prefix: str) -> tuple[tuple, list[int]]:
+        """(window key, token ids) the encoder sees for `prefix` (rules in `dg_edit.windows`).
+
+        A function of the text alone, so a warm request and a cold one see the same tokens at the
+        same positions. The key names the cached strip that serves it: (lead, char start, tokens cut).
+        """
+        window = self.window_tokens
+        start = char_start(len(prefix), window)
+        ids = self._need_tokenizer().encode(prefix[start:], add_special_tokens=False)
+        if start == 0 and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        drop = token_drop(len(ids), window)
+        return (0, start, drop), ids[drop:]
 
     def _instruction_ids(self, instruction: str) -> list[int]:
         tok = self.tokenizer
@@ -347,23 +424,55 @@ class Engine:
         comment = tok.encode(f"# {instruction}\n", add_special_tokens=False)
         return comment
 
+    # ------------------------------------------------------------------ typed-ahead
+    def _typed_ahead(self, request: _Request) -> Done | None:
+        """The rest of this session's previous answer when the user has typed its beginning, else None."""
+        t0 = time.perf_counter()
+        key = (request.session, request.options[0])
+        with self._answers_lock:
+            rest = rest_after_typing(self._answers.get(key), request.prefix_text, request.suffix_text,
+                                     request.options)
+            if rest is None:
+                return None
+            self._answers[key] = Answer(request.prefix_text, request.suffix_text, rest, request.options)
+            self._answers.move_to_end(key)
+        self._prefill.touch()
+        self.last_encoded, self.last_prefix_len = 0, 0
+        ids = tuple(self.tokenizer.encode(rest, add_special_tokens=False))
+        return Done(text=rest, ids=ids, steps=0, tokens_per_forward=0.0, ms=(time.perf_counter() - t0) * 1000.0,
+                    length=len(ids), typed_ahead=True)
+
+    def _remember(self, request: _Request, done: Done) -> None:
+        if request.options is None or request.init_middle is not None:
+            return
+        key = (request.session, request.options[0])
+        with self._answers_lock:
+            self._answers[key] = Answer(request.prefix_text, request.suffix_text, done.text, request.options)
+            self._answers.move_to_end(key)
+            while len(self._answers) > _MAX_ANSWERS:
+                self._answers.popitem(last=False)
+
     # ------------------------------------------------------------------ the loop
     def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
+        """`_generate`, holding idle prefill off from its first step to its end."""
+        cursor = len(request.prefix_text) if request.prefix_text is not None else None
+        with self._prefill.request(request.session, cursor):
+            yield from self._generate(request, with_steps)
+
+    def _generate(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
         t0 = time.perf_counter()
         model = self.model
         stop_ids = set(self.eos_ids)  # as the reference: EOS ends the output, pad only follows it
-        # 1.a Encode the prefix (reusing this document's cache).
+        # 1.a Encode the prefix. Sessions reuse their document's cached strip, encoding in
+        # position-aligned chunks (warm == cold, bitwise); one-off requests encode in one pass, as
+        # generate does.
         with self._lock, torch.inference_mode():
-            entry = self._sessions.get(request.session) if request.session is not None else None
-            # Sessions encode in position-aligned chunks (warm == cold, bitwise); one-off requests in one
-            # pass, as generate does.
-            chunk = self.settings.prefix_chunk if request.session is not None else None
-            cache, entry, n_encoded = encode_prefix(model, request.prefix_ids, entry, chunk)
             if request.session is not None:
-                self._sessions[request.session] = entry
-                self._sessions.move_to_end(request.session)
-                while len(self._sessions) > _MAX_SESSIONS:
-                    self._sessions.popitem(last=False)
+                lead = len(request.prefix_ids) - min(len(request.prefix_ids), self.window_tokens)
+                cache, n_encoded = self.caches.encode(model, request.session, request.window, request.prefix_ids,
+                                                      limit=self.window_tokens + lead)
+            else:
+                cache, n_encoded = encode_prefix(model, request.prefix_ids)
             self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
         cur_len = len(request.prefix_ids)
         middle: list[int] = []
@@ -415,9 +524,11 @@ class Engine:
                 text_ids = self.tokenizer.encode(text, add_special_tokens=False)
                 n_tokens = len(text_ids) + 1  # the line, then the newline that ends it
         ms = (time.perf_counter() - t0) * 1000.0
-        yield Done(text=text, ids=tuple(text_ids), steps=steps_total,
-                   tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
-                   scores=scores)
+        done = Done(text=text, ids=tuple(text_ids), steps=steps_total,
+                    tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
+                    scores=scores, encoded=n_encoded, prefix_tokens=len(request.prefix_ids))
+        self._remember(request, done)  # before the yield: a consumer may stop at the Done
+        yield done
 
     def _denoise_block(self, cache, layout: Layout, request: _Request, stop_ids: set[int], middle_so_far: list[int],
                        with_steps: bool, step_offset: int, t0: float):

@@ -288,6 +288,11 @@ class CacheStore:
         return {"strips": len(strips), "tokens": sum(s.length + len(s.tail_ids) for s in strips),
                 "bytes": sum(s.nbytes() for s in strips)}
 
+    def strip(self, session: str, key: Hashable) -> Strip | None:
+        """The strip of window `key` in document `session`, if any (read it under the engine's lock)."""
+        doc = self._docs.get(session)
+        return doc.strips.get(key) if doc is not None else None
+
     def touch(self, session: str) -> None:
         """`session` is the document the user works in now: the last to be evicted."""
         doc = self._docs.setdefault(session, _Document())

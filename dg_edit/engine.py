@@ -324,10 +324,10 @@ class Engine:
         positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
         return max(1, min(self.settings.max_prefix_tokens, positions - self.canvas_length))
 
-    def document_windows(self, text: str) -> list[Window]:
-        """Every prefix window a cursor in `text` uses (what idle prefill encodes)."""
+    def document_windows(self, text: str, near: int | None = None) -> Iterator[Window]:
+        """Every prefix window a cursor in `text` uses (what idle prefill encodes), nearest `near` first."""
         return document_windows(self._need_tokenizer(), text, self.window_tokens, self.bos_id,
-                                self.settings.prefix_chunk)
+                                self.settings.prefix_chunk, near)
 
     # ------------------------------------------------------------------ request preparation
     def _need_tokenizer(self):

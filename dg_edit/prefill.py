@@ -4,7 +4,7 @@ After a front end tells the engine a document's text (`Engine.prefill(session, t
 server on open and change, the websocket service from each request's prefix and suffix, the TUI
 on load and edit), one low-priority background thread per engine waits until the editor has been
 quiet for `Settings.idle_prefill_ms` (no change, no request), then encodes every window of the
-document (`dg_edit.windows.document_windows`) one chunk at a time, nearest the last cursor first.
+document (`Engine.document_windows`) one chunk at a time, nearest the last cursor first.
 
 Never delaying a request: a request holds prefill off from its first step to its `Done`
 (`Prefiller.request`), so prefill runs only between requests, and a request that arrives while a
@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .prefix_cache import current_tick
-from .windows import Window, document_windows
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -180,15 +179,13 @@ class Prefiller:
 
     def _prefill_document(self, session: str, text: str, wait_for_quiet: bool) -> None:
         engine = self.engine
-        windows = engine.document_windows(text)
-        cursor = self._cursor.get(session)
-        if cursor is not None:
-            windows.sort(key=lambda w: _distance(w, cursor))
         since = current_tick()
         caches, model = engine.caches, engine.model
         with engine.lock:
             caches.touch(session)  # the document the editor just showed us: the last one to evict
-        for window in windows:
+        keys = set()
+        for window in engine.document_windows(text, near=self._cursor.get(session, 0)):
+            keys.add(window.key)
             while True:
                 if not self._may_continue(session, wait_for_quiet):
                     return
@@ -202,15 +199,10 @@ class Prefiller:
                     self.budget_full = True
                     return
                 self.encoded += n
-        with engine.lock:
-            caches.keep_only(session, {w.key for w in windows}, since)
+        with engine.lock:  # the whole document is done: strips of windows it no longer has can go
+            caches.keep_only(session, keys, since)
         self.budget_full = False
         self.passes += 1
-
-
-def _distance(window: Window, cursor: int) -> int:
-    lo, hi = window.span
-    return 0 if lo <= cursor <= hi else min(abs(cursor - lo), abs(cursor - hi))
 
 
 def _lower_priority() -> int | None:

@@ -13,6 +13,10 @@ from piling up drafts is `dg_edit.outbox`. This module runs requests:
   sender wait, and its drafts are coalesced to the latest one meanwhile.
 - Limits come from `Settings`: `max_message_bytes` (websockets closes with 1009), `max_inflight` per
   connection (`busy`), `request_timeout_s` (`timeout`).
+- A document is known through its requests: a request with a `session` tells the engine that the
+  session's document reads prefix (+ selection) + suffix, and idle prefill encodes it while the
+  connection is quiet (`Engine.prefill`), so the next request anywhere in it starts warm. The
+  document is forgotten when the connection closes. Typed-ahead answers come from the engine.
 """
 
 from __future__ import annotations
@@ -274,6 +278,9 @@ class Client:
             session = f"ws{self.number}:{request.session}"  # connections never share a prefix cache entry
             self._sessions.add(session)
         engine = self.engine
+        if session is not None:  # the document, as this request shows it: prefilled once we are quiet
+            selection = request.selection if isinstance(request, RewriteRequest) else ""
+            engine.prefill(session, request.prefix + selection + request.suffix)
         if isinstance(request, InfillRequest):
             return lambda: engine.stream(request.prefix, request.suffix, max_new_tokens=request.max_new_tokens,
                                          seed=request.seed, session=session, single_line=request.single_line)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Iterator
 
 CHARS_PER_TOKEN_CAP = 16  # a window of tokens never needs more characters than this (whitespace runs)
 
@@ -63,35 +63,55 @@ class Window:
     span: tuple[int, int]  # character range of the document its tokens cover
 
 
-def document_windows(tokenizer, text: str, window: int, bos_id: int | None, slack: int) -> list[Window]:
+def document_windows(tokenizer, text: str, window: int, bos_id: int | None, slack: int,
+                     near: int | None = None) -> Iterator[Window]:
     """Every window that some cursor in `text` falls into, with the tokens of the whole document.
 
     A request's own prefix is cut at its cursor, so its last tokens may differ from these; its token
-    count is estimated from the offsets, and `slack` tokens of doubt add the window below.
+    count is estimated from the offsets, and `slack` tokens of doubt add the window below. With
+    `near` (a character offset: the last cursor) the windows come nearest first, and the document is
+    tokenized one character window at a time as they are needed (a 10 MB file is never tokenized
+    whole when the cache budget holds only the part around the cursor).
     """
     n = len(text)
     cap, grid = char_window(window)
-    step = token_step(window)
-    starts = [0] + list(range(grid, char_start(n, window) + 1, grid))
-    out: list[Window] = []
-    for cs in starts:
+    segments = []
+    for cs in [0] + list(range(grid, char_start(n, window) + 1, grid)):
         lo, hi = (0, min(n, cap)) if cs == 0 else (max(cs + cap - grid, cap + 1), min(n, cs + cap - 1))
-        if lo > hi:
+        if lo <= hi:
+            segments.append((cs, lo, hi))
+    if near is not None:
+        segments.sort(key=lambda seg: _distance((seg[1], seg[2]), near))
+    for cs, lo, hi in segments:
+        windows = _segment_windows(tokenizer, text, window, bos_id, slack, cs, lo, hi)
+        if near is not None:
+            windows.sort(key=lambda w: _distance(w.span, near))
+        yield from windows
+
+
+def _segment_windows(tokenizer, text: str, window: int, bos_id: int | None, slack: int, cs: int, lo: int,
+                     hi: int) -> list[Window]:
+    """The windows of the cursors lo..hi, whose prefixes are all tokenized from character `cs`."""
+    step = token_step(window)
+    enc = tokenizer(text[cs:hi], add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    ends = [e for _, e in enc["offset_mapping"]]
+    lead = [bos_id] if cs == 0 and bos_id is not None else []
+    seq = lead + ids
+    n_lo = len(lead) + bisect_right(ends, lo - cs)
+    first = token_drop(max(n_lo - slack, 1), window)
+    last = token_drop(len(seq), window)
+    out = []
+    for drop in range(first, last + 1, step):
+        top = min(drop + window, len(seq))
+        if top <= drop:
             continue
-        enc = tokenizer(text[cs:hi], add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        ends = [e for _, e in enc["offset_mapping"]]
-        lead = [bos_id] if cs == 0 and bos_id is not None else []
-        seq = lead + ids
-        n_lo = len(lead) + bisect_right(ends, lo - cs)
-        first = token_drop(max(n_lo - slack, 1), window)
-        last = token_drop(len(seq), window)
-        for drop in range(first, last + 1, step):
-            top = min(drop + window, len(seq))
-            if top <= drop:
-                continue
-            a = max(drop - len(lead), 0)
-            b = max(top - len(lead) - 1, 0)
-            span = (cs + (ends[a] if a < len(ends) else hi - cs), cs + (ends[b] if b < len(ends) else hi - cs))
-            out.append(Window(key=(0, cs, drop), ids=seq[drop:top], tail=hi == n and drop == last, span=span))
+        a, b = max(drop - len(lead), 0), max(top - len(lead) - 1, 0)
+        span = (cs + (ends[a] if a < len(ends) else hi - cs), cs + (ends[b] if b < len(ends) else hi - cs))
+        out.append(Window(key=(0, cs, drop), ids=seq[drop:top], tail=hi == len(text) and drop == last, span=span))
     return out
+
+
+def _distance(span: tuple[int, int], cursor: int) -> int:
+    lo, hi = span
+    return 0 if lo <= cursor <= hi else min(abs(cursor - lo), abs(cursor - hi))

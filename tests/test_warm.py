@@ -87,6 +87,9 @@ def test_window_rules_move_in_coarse_steps():
 def test_every_cursor_falls_in_a_planned_window(pair):
     engine = Engine(*pair, settings=SMALL)
     planned = {w.key: w.ids for w in engine.document_windows(DOC)}
+    near_end = list(engine.document_windows(DOC, near=len(DOC)))
+    assert {w.key: w.ids for w in near_end} == planned  # the same windows, nearest the cursor first
+    assert near_end[0].tail and near_end[0].span[1] >= len(DOC) - 16
     assert len({k[1] for k in planned}) > 1  # the document is longer than one character window
     for cursor in range(0, len(DOC) + 1, 7):
         key, ids = engine._prefix_window(DOC[:cursor])
@@ -296,6 +299,17 @@ def test_prefill_stops_at_the_budget_and_requests_stay_exact(pair):
     nothing.prefill_now("doc", DOC)
     warm_equals_cold(pair, nothing, DOC, 700, 4)
     assert nothing.cache_info()["bytes"] == 0
+
+
+def test_a_document_over_the_budget_is_prefilled_around_the_last_cursor(pair):
+    big = DOC * 8  # ~13,000 tokens, far over this budget
+    engine = Engine(*pair, settings=SMALL)
+    engine.caches.budget_bytes = 200_000  # ~700 tokens of this model's cache
+    ask(engine, big, 15_000, 0)
+    engine.prefill_now("doc", big)
+    assert engine.cache_info()["prefill"]["budget_full"]
+    assert warm_equals_cold(pair, engine, big, 15_060, 1).encoded < 2 * SMALL.prefix_chunk
+    assert engine.cache_info()["bytes"] <= 200_000
 
 
 # ---------------------------------------------------------------------------------------------- idle prefill

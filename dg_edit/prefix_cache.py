@@ -120,8 +120,10 @@ class Strip:
         if n <= self.length:
             self.watermark = max(self.watermark, n)
             return [k[..., :n, :] for k in self.keys], [v[..., :n, :] for v in self.values]
-        self.watermark = max(self.watermark, self.length)
         t = n - self.length
+        if not self.keys:  # a strip shorter than one chunk: only the tail
+            return [tk[..., :t, :] for tk in self.tail_keys], [tv[..., :t, :] for tv in self.tail_values]
+        self.watermark = max(self.watermark, self.length)
         return ([torch.cat([k[..., : self.length, :], tk[..., :t, :]], dim=-2)
                  for k, tk in zip(self.keys, self.tail_keys)],
                 [torch.cat([v[..., : self.length, :], tv[..., :t, :]], dim=-2)

@@ -43,6 +43,11 @@ def cold(pair, prefix: str, suffix: str, seed: int, settings: Settings = SMALL, 
     return Engine(*pair, settings=settings).infill(prefix, suffix, seed=seed, session="doc", max_new_tokens=8, **kw)
 
 
+def documents(engine: Engine) -> dict[str, dict]:
+    """`cache_info()["documents"]` by session, least recently used first."""
+    return {d["session"]: d for d in engine.cache_info()["documents"]}
+
+
 def ask(engine: Engine, text: str, cursor: int, seed: int, **kw) -> Done:
     return engine.infill(text[:cursor], text[cursor:], seed=seed, session="doc", max_new_tokens=8, **kw)
 
@@ -130,6 +135,14 @@ def test_cursor_at_a_chunk_edge_and_at_the_end_reuses_everything(pair):
     assert end.encoded == 0
     at_edge = warm_equals_cold(pair, engine, DOC, chunk_edge_cursor(engine, DOC, 40), seed=2)
     assert at_edge.encoded == 0
+
+
+def test_a_prefix_shorter_than_a_chunk_is_kept_as_a_tail(pair):
+    engine = Engine(*pair, settings=SMALL)
+    first = warm_equals_cold(pair, engine, "x = 1\n", 6, seed=1)  # 4 tokens: BOS and a line
+    assert 0 < first.encoded < SMALL.prefix_chunk
+    again = warm_equals_cold(pair, engine, "x = 1\n", 6, seed=2)
+    assert again.encoded == 0
 
 
 def test_a_request_in_flight_keeps_its_states_while_another_rewrites_the_strip(pair):
@@ -253,7 +266,7 @@ def test_bytes_per_token_from_the_config_match_the_cache(pair):
     # 2 layers x (K and V) x 1 head x 16 dims x 4 bytes
     assert per_token == engine.cache_info()["bytes_per_token"] == 2 * 2 * 1 * 16 * 4
     engine.infill(DOC[:300], "", seed=0, session="doc", max_new_tokens=8)
-    doc = engine.cache_info()["documents"]["doc"]
+    doc = documents(engine)["doc"]
     assert doc["bytes"] >= per_token * doc["tokens"]
 
 
@@ -277,12 +290,12 @@ def test_documents_are_evicted_least_recently_used_within_the_budget(pair):
     engine.caches.budget_bytes = int(2.5 * one_doc)  # Settings.cache_budget_mb, in bytes
     for name in ("a", "b", "c"):
         engine.prefill_now(name, text)
-    assert list(engine.cache_info()["documents"]) == ["b", "c"]  # "a" was the least recently used
+    assert list(documents(engine)) == ["b", "c"]  # "a" was the least recently used
     ask(engine, text, 100, 0)  # a request makes "doc" the most recent document
-    assert list(engine.cache_info()["documents"]) == ["b", "c", "doc"]
+    assert list(documents(engine)) == ["b", "c", "doc"]
     engine.prefill_now("doc", text)  # room for "doc" comes from the least recently used, "b"
     info = engine.cache_info()
-    assert list(info["documents"]) == ["c", "doc"] and info["bytes"] <= engine.caches.budget_bytes
+    assert list(documents(engine)) == ["c", "doc"] and info["bytes"] <= engine.caches.budget_bytes
     assert not info["prefill"]["budget_full"]
 
 
@@ -348,7 +361,7 @@ def test_requests_during_idle_prefill_are_served_and_stay_exact(pair):
     engine.prefill("doc", DOC + "\n# more\n")
     engine.forget("doc")
     assert engine.wait_prefilled(60)
-    assert "doc" not in engine.cache_info()["documents"]
+    assert "doc" not in documents(engine)
 
 
 def test_idle_prefill_off(pair):

@@ -299,9 +299,9 @@ class Engine:
     def cache_info(self) -> dict[str, Any]:
         """Encoder caches for `dgEdit/stats` and benchmarks: bytes per token, budget, documents (least
         recently used first) and prefill. Never waits for the engine's lock."""
-        docs = self.caches.summary
+        docs = [{"session": session, **info} for session, info in self.caches.summary.items()]
         return {"bytes_per_token": self.caches.bytes_per_token, "budget_bytes": self.caches.budget_bytes,
-                "bytes": sum(d["bytes"] for d in docs.values()), "window_tokens": self.window_tokens,
+                "bytes": sum(d["bytes"] for d in docs), "window_tokens": self.window_tokens,
                 "documents": docs, "prefill": self._prefill.info()}
 
     def close(self) -> None:

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Engine settings that change how a request is tokenized and windowed: changing them re-wraps the model.
-_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens")
+# Engine settings that change how a request is tokenized and windowed, or how the engine keeps its
+# caches: changing them re-wraps the model (a new Engine, with empty caches).
+_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens", "prefix_chunk", "cache_budget_mb",
+                "idle_prefill", "idle_prefill_ms", "typed_ahead")
 
 
 class RequestFailed(JsonRpcException):
@@ -169,4 +171,5 @@ class EngineHost:
         from dg_edit.engine import Engine
 
         old = previous.result()
+        old.close()  # its idle prefill and caches: the new engine keeps its own
         return Engine(old.model, old.tokenizer, sampling=old.sampling, settings=settings, name=old.name)

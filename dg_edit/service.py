@@ -100,7 +100,13 @@ class Service:
             "inflight": sum(len(c.inflight) for c in self.clients),
             # step frames replaced by a newer draft before a lagging client read them
             "drafts_coalesced": self._coalesced_closed + sum(c.outbox.coalesced for c in self.clients),
+            "cache": self._cache(),
         }
+
+    def _cache(self) -> dict[str, Any] | None:
+        """The engine's encoder caches and idle prefill, with a count instead of the documents' names."""
+        info = self.engine.cache_info() if hasattr(self.engine, "cache_info") else None
+        return None if info is None else {**info, "documents": len(info["documents"])}
 
     async def start(self) -> Server:
         self.server = await serve(

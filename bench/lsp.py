@@ -38,6 +38,8 @@ from pathlib import Path
 from lsprotocol import types as t
 from pygls.lsp.client import LanguageClient
 
+from dg_edit.testing import plain
+
 TYPING_TARGETS = {"p50_ms": 200.0, "p95_ms": 400.0, "reencoded": 0.05}
 JUMP_TARGETS = {"p50_ms": 150.0, "p95_ms": 300.0}
 JUMP_LINES, JUMPS = 80, 12
@@ -89,14 +91,6 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def _plain(value):
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass
@@ -157,7 +151,7 @@ class Server:
         await self.client.stop()
 
     async def stats(self) -> dict:
-        return _plain(await self.client.protocol.send_request_async("dgEdit/stats", None))
+        return plain(await self.client.protocol.send_request_async("dgEdit/stats", None))
 
     def configure(self, options: dict) -> None:
         self.client.workspace_did_change_configuration(t.DidChangeConfigurationParams(settings=options))

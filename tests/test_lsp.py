@@ -20,7 +20,7 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
 
-from dg_edit.testing import stop_language_client
+from dg_edit.testing import plain, stop_language_client
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
@@ -56,7 +56,7 @@ class Harness:
         self.pull_settings: dict[str, dict] = {}  # what workspace/configuration answers, per section
         self.versions: dict[str, int] = {}
         c = self.client
-        c.feature("dgEdit/canvas")(lambda ls, p: self.canvas.append(_plain(p)))
+        c.feature("dgEdit/canvas")(lambda ls, p: self.canvas.append(plain(p)))
         c.feature(t.PROGRESS)(lambda ls, p: self.progress.append((p.token, p.value)))
         c.feature(t.WINDOW_LOG_MESSAGE)(lambda ls, p: self.logs.append(p))
         c.feature(t.WINDOW_SHOW_MESSAGE)(lambda ls, p: self.shown.append(p))
@@ -138,20 +138,11 @@ class Harness:
         return await asyncio.wait_for(asyncio.wrap_future(future), 60)
 
     async def stats(self) -> dict:
-        return _plain(await asyncio.wait_for(self.client.protocol.send_request_async("dgEdit/stats", None), 60))
+        return plain(await asyncio.wait_for(self.client.protocol.send_request_async("dgEdit/stats", None), 60))
 
     async def execute(self, command: str, argument: dict):
-        return _plain(await asyncio.wait_for(self.client.workspace_execute_command_async(
+        return plain(await asyncio.wait_for(self.client.workspace_execute_command_async(
             t.ExecuteCommandParams(command=command, arguments=[argument])), 120))
-
-
-def _plain(value):
-    """pygls hands custom payloads over as namedtuple-like `Object`s; turn them into dicts/lists."""
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def apply_utf16(text: str, rng: t.Range, new_text: str) -> str:
@@ -181,10 +172,15 @@ SLOW = {"languages": ["python"], "max_denoising_steps": 48, "candidates": 3}
 NORMAL = {"languages": ["python"], "idle_prefill_ms": 600_000}
 
 
+async def started(model_dir, options: dict) -> Harness:
+    h = Harness()
+    h.init = await h.start("--model", str(model_dir), options=options)
+    return h
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lsp(model_dir):
-    h = Harness()
-    h.init = await h.start("--model", str(model_dir), options=NORMAL)
+    h = await started(model_dir, NORMAL)
     yield h
     await h.stop()
 
@@ -484,7 +480,7 @@ async def test_rewrite_code_action_applies_an_edit_with_progress(lsp):
     uri = lsp.open(PY_DOC)
     rng = t.Range(start=t.Position(line=3, character=0), end=t.Position(line=5, character=10))
     # Raw JSON, as an editor sees it (pygls's client would guess Command for a CodeAction).
-    actions = _plain(await lsp.raw_request(t.TEXT_DOCUMENT_CODE_ACTION, {
+    actions = plain(await lsp.raw_request(t.TEXT_DOCUMENT_CODE_ACTION, {
         "textDocument": {"uri": uri}, "range": _json_range(rng), "context": {"diagnostics": []}}))
     assert len(actions) == 1 and actions[0]["title"] == "Rewrite selection (dg-edit)"
     assert actions[0]["kind"] == "refactor.rewrite"
@@ -499,7 +495,7 @@ async def test_rewrite_code_action_applies_an_edit_with_progress(lsp):
     assert change.edits[0].range == rng and change.edits[0].new_text == out["text"]
     # $/progress on a server-created token: begin, "step i/N" reports counting up, end.
     token = lsp.created_tokens[-1]
-    values = [_plain(v) for tok, v in lsp.progress if tok == token]
+    values = [plain(v) for tok, v in lsp.progress if tok == token]
     assert values[0]["kind"] == "begin" and values[-1]["kind"] == "end"
     reports = [int(v["message"].split()[1].split("/")[0]) for v in values if v["kind"] == "report"]
     assert reports and reports == sorted(reports) and len(set(reports)) == len(reports)
@@ -565,7 +561,7 @@ async def test_inline_progress_with_client_token(lsp):
     uri = lsp.open(PY_DOC)
     token = f"tok-{uuid.uuid4().hex}"
     await lsp.inline(uri, PY_CURSOR, token=token)
-    values = [_plain(v) for tok, v in lsp.progress if tok == token]
+    values = [plain(v) for tok, v in lsp.progress if tok == token]
     assert values[0]["kind"] == "begin" and values[-1]["kind"] == "end"
     messages = [v["message"] for v in values if v["kind"] == "report"]
     assert messages and all(m.startswith("step ") for m in messages)
@@ -689,8 +685,7 @@ def argparse_head(lines: int) -> str:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def warm_lsp(model_dir):
-    h = Harness()
-    h.init = await h.start("--model", str(model_dir), options=WARM)
+    h = await started(model_dir, WARM)
     yield h
     await h.stop()
 

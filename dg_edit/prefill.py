@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .prefix_cache import current_tick
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -179,9 +178,9 @@ class Prefiller:
 
     def _prefill_document(self, session: str, text: str, wait_for_quiet: bool) -> None:
         engine = self.engine
-        since = current_tick()
         caches, model = engine.caches, engine.model
         with engine.lock:
+            since = caches.tick()
             caches.touch(session)  # the document the editor just showed us: the last one to evict
         keys = set()
         for window in engine.document_windows(text, near=self._cursor.get(session, 0)):

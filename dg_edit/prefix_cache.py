@@ -41,14 +41,6 @@ import torch
 
 from . import hf_adapter as hf
 
-_TICK = itertools.count(1)  # recency of strips and documents (process-wide, monotonic)
-
-
-def current_tick() -> int:
-    """A recency tick later than every strip's `last_used` so far."""
-    return next(_TICK)
-
-
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -86,7 +78,7 @@ class Strip:
     tail_keys: list[torch.Tensor] = field(default_factory=list)
     tail_values: list[torch.Tensor] = field(default_factory=list)
     watermark: int = 0  # positions of the buffers handed out to requests: never written again
-    last_used: int = 0  # recency tick of the last request that read it (prefill does not count)
+    last_used: int = 0  # the store's tick of the last request that read it (prefill does not count)
 
     @property
     def length(self) -> int:
@@ -265,6 +257,7 @@ class CacheStore:
         self.bytes_per_token = bytes_per_token
         self.margin = margin if margin is not None else max(chunk // 4, 1)
         self._docs: OrderedDict[str, _Document] = OrderedDict()
+        self._ticks = itertools.count(1)  # recency of strips and documents
         # {session: {"strips", "tokens", "bytes"}} from least to most recently used, replaced whole after
         # every change, so stats can read it without the engine's lock (held through a denoising step).
         self.summary: dict[str, dict] = {}
@@ -290,6 +283,10 @@ class CacheStore:
         return {"strips": len(strips), "tokens": sum(s.length + len(s.tail_ids) for s in strips),
                 "bytes": sum(s.nbytes() for s in strips)}
 
+    def tick(self) -> int:
+        """A recency tick later than every strip's `last_used` so far."""
+        return next(self._ticks)
+
     def strip(self, session: str, key: Hashable) -> Strip | None:
         """The strip of window `key` in document `session`, if any (read it under the engine's lock)."""
         doc = self._docs.get(session)
@@ -298,7 +295,7 @@ class CacheStore:
     def touch(self, session: str) -> None:
         """`session` is the document the user works in now: the last to be evicted."""
         doc = self._docs.setdefault(session, _Document())
-        doc.last_used = next(_TICK)
+        doc.last_used = self.tick()
         self._docs.move_to_end(session)
         self._publish(session)
 
@@ -369,7 +366,7 @@ class CacheStore:
         chunk = self.chunk
         self.touch(session)
         strip = self._strip(session, key, ids)
-        strip.last_used = next(_TICK)
+        strip.last_used = self.tick()
         if strip.has(ids, chunk):
             keys, values = strip.states(len(ids))
             return hf.cache_from_states(model, keys, values, len(ids)), 0

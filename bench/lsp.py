@@ -259,7 +259,8 @@ def row(name: str, r: Result, targets: dict) -> str:
 async def run(args: argparse.Namespace) -> int:
     text = python_file(args.lines)
     load_before = os.getloadavg()
-    ours = Server(sys.executable, args.model, {"idle_prefill_ms": args.idle_prefill_ms})
+    options = {"idle_prefill_ms": args.idle_prefill_ms, "typed_ahead": not args.no_typed_ahead}
+    ours = Server(sys.executable, args.model, options)
     engine = await ours.start()
     baseline = None
     if args.baseline_python:
@@ -271,11 +272,13 @@ async def run(args: argparse.Namespace) -> int:
         # One engine per setting: each configuration change re-wraps the model with empty caches. The
         # order alternates between rounds, so a load that drifts during the run hits both sides.
         for prefill in ((False, True) if r % 2 == 0 else (True, False)):
-            ours.configure({"idle_prefill": prefill, "idle_prefill_ms": args.idle_prefill_ms})
+            ours.configure({**options, "idle_prefill": prefill})
             state = "on" if prefill else "off"
-            results[f"jumps {state}"].extend(await jumping(ours, text, f"jump-{state}-{r}", args, prefill))
-            results[f"typing {state}"].extend(await typing(ours, text, f"type-{state}-{r}", args, prefill))
-            if baseline is not None and prefill == (r % 2 == 1):  # between our two settings
+            if "jumps" in args.patterns:
+                results[f"jumps {state}"].extend(await jumping(ours, text, f"jump-{state}-{r}", args, prefill))
+            if "typing" in args.patterns:
+                results[f"typing {state}"].extend(await typing(ours, text, f"type-{state}-{r}", args, prefill))
+            if baseline is not None and prefill == (r % 2 == 1) and "typing" in args.patterns:  # between ours
                 results["typing baseline"].extend(await typing(baseline, text, f"type-base-{r}", args, False))
     await ours.stop()
     if baseline is not None:
@@ -304,9 +307,12 @@ async def run(args: argparse.Namespace) -> int:
     def ratio(a: str, b: str, q: float) -> str:
         return f"{percentile(results[a].latencies, q) / percentile(results[b].latencies, q):.2f}"
 
-    print("side by side (same run):")
-    print(f"  jumps, prefill on / off:      p50 {ratio('jumps on', 'jumps off', 0.5)}   p95 "
-          f"{ratio('jumps on', 'jumps off', 0.95)}")
+    print(f"side by side (same run{', typed-ahead off' if args.no_typed_ahead else ''}):")
+    if "jumps" in args.patterns:
+        print(f"  jumps, prefill on / off:      p50 {ratio('jumps on', 'jumps off', 0.5)}   p95 "
+              f"{ratio('jumps on', 'jumps off', 0.95)}")
+    if "typing" not in args.patterns:
+        return 0
     print(f"  typing, prefill on / off:     p50 {ratio('typing on', 'typing off', 0.5)}   p95 "
           f"{ratio('typing on', 'typing off', 0.95)}")
     if results["typing baseline"].latencies:
@@ -336,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=5.0, help="jumping without prefill: idle seconds first")
     parser.add_argument("--idle-prefill-ms", type=int, default=500)
     parser.add_argument("--prefill-timeout", type=float, default=600.0)
+    parser.add_argument("--patterns", nargs="+", choices=("typing", "jumps"), default=["typing", "jumps"])
+    parser.add_argument("--no-typed-ahead", action="store_true",
+                        help="every typing request runs the model (compare model calls with --baseline-python)")
     parser.add_argument("--baseline-python", default=None,
                         help="also run the typing pattern on this Python's dg_edit (the code before a change)")
     return asyncio.run(run(parser.parse_args(argv)))

@@ -440,7 +440,7 @@ class Engine:
         self.last_encoded, self.last_prefix_len = 0, 0
         ids = tuple(self.tokenizer.encode(rest, add_special_tokens=False))
         return Done(text=rest, ids=ids, steps=0, tokens_per_forward=0.0, ms=(time.perf_counter() - t0) * 1000.0,
-                    length=len(ids), typed_ahead=True)
+                    typed_ahead=True)
 
     def _remember(self, request: _Request, done: Done) -> None:
         if request.options is None or request.init_middle is not None:
@@ -468,9 +468,10 @@ class Engine:
         # generate does.
         with self._lock, torch.inference_mode():
             if request.session is not None:
-                lead = len(request.prefix_ids) - min(len(request.prefix_ids), self.window_tokens)
+                # no prefix in this window is longer than a window (plus an instruction before it)
+                limit = max(len(request.prefix_ids), self.window_tokens)
                 cache, n_encoded = self.caches.encode(model, request.session, request.window, request.prefix_ids,
-                                                      limit=self.window_tokens + lead)
+                                                      limit=limit)
             else:
                 cache, n_encoded = encode_prefix(model, request.prefix_ids)
             self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)

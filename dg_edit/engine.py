@@ -307,7 +307,7 @@ class Engine:
     def close(self) -> None:
         """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep
         what they hold)."""
-        self._prefill.cancel_all()
+        self._prefill.shutdown()
         with self._lock:
             for session in self.caches.sessions():
                 self.caches.forget(session)

@@ -14,11 +14,13 @@ stops the pass; the new text is prefilled after the next quiet moment.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Iterator
 
@@ -30,6 +32,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dg_edit.prefill")
 NICENESS = 10  # the prefill thread's nice increment: other processes (and our requests) come first
+_RUNNING: "weakref.WeakSet[Prefiller]" = weakref.WeakSet()  # prefillers whose thread may be alive
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Stop every prefill thread before the interpreter finalizes.
+
+    The thread is a daemon (an editor quitting must not wait for prefill), but a daemon thread still
+    inside a torch kernel while the interpreter shuts down aborts the process ("terminate called
+    without an active exception", exit code 134). So at exit each one finishes its chunk and ends.
+    """
+    for prefiller in list(_RUNNING):
+        prefiller.shutdown(timeout=10.0)
 
 
 class Prefiller:
@@ -67,6 +82,7 @@ class Prefiller:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="dg-edit-prefill", daemon=True)
                 self._thread.start()
+                _RUNNING.add(self)
             self._cond.notify_all()
 
     def cancel(self, session: str) -> None:
@@ -84,6 +100,14 @@ class Prefiller:
             self._cursor.clear()
             self._stop_current = self._current is not None
             self._cond.notify_all()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Drop all pending work and wait (up to `timeout`) for the thread to finish its chunk and end."""
+        self.cancel_all()
+        with self._cond:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     @contextlib.contextmanager
     def request(self, session: str | None, cursor: int | None) -> Iterator[None]:

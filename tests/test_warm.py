@@ -431,3 +431,28 @@ def test_typed_ahead_returns_the_rest_without_a_model_call(pair):
     off = Engine(*pair, settings=SMALL)
     off.infill(prefix, suffix, seed=seed, session="doc", max_new_tokens=8)
     assert not off.infill(prefix + typed, suffix, seed=seed, session="doc", max_new_tokens=8).typed_ahead
+
+
+def test_exiting_while_idle_prefill_runs_is_a_clean_exit():
+    # A daemon thread frozen inside a torch kernel at interpreter exit aborts the process (exit code
+    # 134, "terminate called without an active exception"); prefill threads are stopped at exit.
+    import subprocess
+    import sys
+
+    script = """
+import inspect, time
+import dg_edit.config as corpus
+from dg_edit.config import Settings
+from dg_edit.engine import Engine
+from dg_edit.testing import tiny_pair
+engine = Engine(*tiny_pair(seed=3, canvas_length=16, sliding_window=16),
+                settings=Settings(max_prefix_tokens=48, prefix_chunk=8, idle_prefill_ms=0))
+engine.prefill("doc", inspect.getsource(corpus) * 20)
+while engine.cache_info()["prefill"]["encoded"] == 0:
+    time.sleep(0.01)
+print("exiting mid-prefill", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exiting mid-prefill" in proc.stdout and "terminate" not in proc.stderr

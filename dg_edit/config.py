@@ -129,6 +129,10 @@ class Settings:
     | suffix_head_tokens | 16 | suffix tokens clamped into the canvas |
     | max_extra_tokens | 1024 | chunks of other files ahead of the prefix (llama.cpp's input_extra, the LSP's other open documents); 0 = none |
     | prefix_chunk | 64 | encoder chunk (absolute positions) for bitwise-identical prefix-cache reuse |
+    | cache_budget_mb | 1024 | encoder caches of all documents together; least recently used documents go first |
+    | idle_prefill | true | encode a document's missing windows in the background while the editor is quiet |
+    | idle_prefill_ms | 500 | how long the editor must be quiet (no change, no request) before idle prefill runs |
+    | typed_ahead | true | a prefix that types the start of the last answer gets the rest of it, without the model |
     | debounce_ms | 150 | editor plug-ins wait this long after a keystroke |
     | host / port | 127.0.0.1 / 8765 | `dg-edit serve` address (websocket and HTTP APIs) |
     | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
@@ -148,6 +152,10 @@ class Settings:
     suffix_head_tokens: int = 16
     max_extra_tokens: int = 1024
     prefix_chunk: int = 64
+    cache_budget_mb: int = 1024
+    idle_prefill: bool = True
+    idle_prefill_ms: int = 500
+    typed_ahead: bool = True
     debounce_ms: int = 150
     host: str = "127.0.0.1"
     port: int = 8765
@@ -164,6 +172,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:
             raise ValueError("max_suffix_tokens, suffix_head_tokens and max_extra_tokens must be >= 0")
+        if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0:
+            raise ValueError("cache_budget_mb and idle_prefill_ms must be >= 0")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
         _check_keys(SamplingConfig, self.sampling)

@@ -177,6 +177,11 @@ class Mirror:
             parent, child, settings = args
             self.engines[child] = self.engines[parent].with_settings(settings)
             return None
+        if op == "retire":  # an engine replaced by a derived one: its caches go on every rank
+            engine = self.engines.pop(args[0], None)
+            if engine is not None:
+                engine.close()
+            return None
         raise ValueError(f"unknown command {op!r}")
 
 
@@ -460,6 +465,14 @@ class ParallelEngine:
 
     def forget(self, session: str) -> None:
         self._leader.call("forget", self._id, session)
+
+    def prefill(self, session: str, text: str, extra=()) -> None:
+        """Idle prefill is off under --parallel: background encoder work on rank 0 alone would run
+        collectives the other ranks never join, and every rank's caches must stay the same."""
+
+    def close(self) -> None:
+        """Drop this engine's caches on every rank (it is being replaced)."""
+        self._leader.call("retire", self._id)
 
     def with_settings(self, settings) -> "ParallelEngine":
         child = self._leader.new_id()

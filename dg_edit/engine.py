@@ -3,7 +3,8 @@
 Algorithm, numbered as in `generation_diffusion_gemma.py` so the two read side by side:
 
 1. Block loop (one canvas per block; infill requests usually need one):
-   a. Encode the prefix with the encoder into a KV cache (reusing the document's `PrefixCache`).
+   a. Encode the prefix with the encoder into a KV cache (reusing the document's cached strips,
+      `dg_edit.prefix_cache`; idle prefill, `dg_edit.prefill`, fills them between requests).
    b. Lay out the canvas: middle slots, then the clamped suffix head on the last block; several
       candidate middle lengths as one batch when the middle length is unknown.
    c. For each denoising step (steps_remaining = N..1):
@@ -40,10 +41,13 @@ from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
-from .prefix_cache import PrefixCache, encode_chunk, encode_prefix
+from .prefill import Prefiller
+from .prefix_cache import CacheStore, encode_chunk, encode_prefix, kv_bytes_per_token
+from .typed_ahead import Answer, rest_after_typing
+from .windows import Window, char_start, document_windows, token_drop
 
 DG_EDIT_JSON = "dg_edit.json"  # per-model overrides of SamplingConfig (+ canvas hints) next to config.json
-_MAX_SESSIONS = 8
+_MAX_ANSWERS = 256  # typed-ahead memory: last answer per (session, seed)
 MAX_NEW_TOKENS = 8192  # a request for more is a mistake (or an attack), not a long edit
 
 
@@ -86,6 +90,10 @@ class _Request:
     generator: torch.Generator | None
     session: str | None
     single_line: bool = False
+    window: Any = None  # which cached strip of the session serves this prefix (`_prefix_window`)
+    prefix_text: str | None = None  # for typed-ahead and for ordering idle prefill (text requests)
+    suffix_text: str | None = None
+    options: Any = None  # typed-ahead: what besides the text shaped the answer
     # rewrite only: the starting middle and how strongly to renoise it
     init_middle: list[int] | None = None
     strength: float = 1.0
@@ -129,7 +137,11 @@ class Engine:
         self._inference = torch.no_grad if hf.is_quantized(model) else torch.inference_mode
         self._compiled: step_fn.CompiledStep | None = None  # built on first use (Settings.compile_step)
         self._lock = threading.RLock()
-        self._sessions: OrderedDict[str, PrefixCache] = OrderedDict()
+        self.caches = CacheStore(self.settings.cache_budget_mb << 20, self.settings.prefix_chunk,
+                                 kv_bytes_per_token(hf.text_config(model), model.dtype))
+        self._prefill = Prefiller(self)
+        self._answers: OrderedDict[tuple, Answer] = OrderedDict()  # typed-ahead, guarded by _answers_lock
+        self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
         self.last_prefix_len = 0
@@ -235,6 +247,12 @@ class Engine:
                 raise ValueError(f"lengths must be positive integers, got {lengths!r}")
             request.lengths = lengths
             request.max_new_tokens = max(lengths)
+        if session is not None and self.settings.typed_ahead:
+            request.options = (seed, max_new_tokens, single_line, tuple(sorted(sampling.items())),
+                               tuple(lengths or ()), hash(tuple(extra)))
+            done = self._typed_ahead(request)
+            if done is not None:
+                return iter([done])
         return self._guarded(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
@@ -269,9 +287,85 @@ class Engine:
         return self._guarded(request, with_steps=_with_steps)
 
     def forget(self, session: str) -> None:
-        """Drop a document's prefix cache (the editor closed it)."""
+        """Drop a document's caches, its pending prefill and its typed-ahead answers (the editor closed it)."""
+        self._prefill.cancel(session)
+        with self._answers_lock:
+            for key in [k for k in self._answers if k[0] == session]:
+                del self._answers[key]
         with self._lock:
-            self._sessions.pop(session, None)
+            self.caches.forget(session)
+
+    def prefill(self, session: str, text: str, extra: Sequence[str] = ()) -> None:
+        """The document `session` now reads `text`: encode its missing windows in the background.
+
+        `extra`: the chunks of other files the front end sends with this document's requests (as for
+        `infill`), so that the windows prefilled are the ones those requests use.
+
+        Returns at once. The work waits until the editor has been quiet for
+        `Settings.idle_prefill_ms` (no `prefill` call, no request), runs at low priority one chunk at a
+        time, and pauses whenever a request runs, so it never delays one. Afterwards a request at any
+        cursor in the document encodes at most the chunk holding its cursor. Off with
+        `Settings.idle_prefill = false` (and a no-op for engines without a tokenizer).
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"text must be text (str), got {type(text).__name__}")
+        if not self.settings.idle_prefill or self.tokenizer is None:
+            return
+        self._prefill.schedule(session, text, tuple(extra))
+
+    def prefill_now(self, session: str, text: str, extra: Sequence[str] = ()) -> int:
+        """Prefill `text` for `session` in this thread, now; returns the tokens encoded (tests, benchmarks)."""
+        _check_text("text", text)
+        self._need_tokenizer()
+        return self._prefill.run_now(session, text, tuple(extra))
+
+    def wait_prefilled(self, timeout: float | None = None) -> bool:
+        """Block until scheduled idle prefill has finished; False on timeout."""
+        return self._prefill.wait_idle(timeout)
+
+    def cache_info(self) -> dict[str, Any]:
+        """Encoder caches for `dgEdit/stats` and benchmarks: bytes per token, budget, documents (least
+        recently used first) and prefill. Never waits for the engine's lock."""
+        docs = [{"session": session, **info} for session, info in self.caches.summary.items()]
+        return {"bytes_per_token": self.caches.bytes_per_token, "budget_bytes": self.caches.budget_bytes,
+                "bytes": sum(d["bytes"] for d in docs), "window_tokens": self.window_tokens,
+                "documents": docs, "prefill": self._prefill.info()}
+
+    def close(self) -> None:
+        """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep
+        what they hold)."""
+        self._prefill.shutdown()
+        with self._lock:
+            for session in self.caches.sessions():
+                self.caches.forget(session)
+
+    def no_autograd(self):
+        """The context every model call runs in: inference mode, or no_grad for quantized weights
+        (torchao and bitsandbytes tensor subclasses fail under inference mode)."""
+        return self._inference()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held for every model call (a denoising step, an encoder chunk)."""
+        return self._lock
+
+    @property
+    def window_tokens(self) -> int:
+        """Most prefix tokens a request conditions on: `max_prefix_tokens`, within the model's positions
+        (a canvas must still fit after the prefix)."""
+        positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
+        return max(1, min(self.settings.max_prefix_tokens, positions - self.canvas_length))
+
+    def document_windows(self, text: str, near: int | None = None, extra: Sequence[str] = ()) -> Iterator[Window]:
+        """Every prefix window a cursor in `text` uses (what idle prefill encodes), nearest `near` first;
+        with `extra`, as a request carrying those chunks of other files sees it."""
+        extra_ids = self._extra_ids(extra)
+        for window in document_windows(self._need_tokenizer(), text, self.window_tokens, self.bos_id,
+                                       self.settings.prefix_chunk, near):
+            if extra_ids:
+                key, ids = self._with_lead(window.key, window.ids, extra_ids, [])
+                window = replace_fields(window, key=key, ids=ids)
+            yield window
 
     # ------------------------------------------------------------------ request preparation
     def _need_tokenizer(self):
@@ -306,9 +400,9 @@ class Engine:
         if not prefix_ids:
             raise ValueError("prefix_ids is empty: the encoder needs at least one token (e.g. BOS)")
         max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
-        prefix_ids = self._window_prefix(prefix_ids)
+        drop = token_drop(len(prefix_ids), self.window_tokens)
         head = list(suffix_ids)[: self.settings.suffix_head_tokens]
-        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session)
+        return _Request(prefix_ids[drop:], head, max_new_tokens, cfg, generator, session, window=("ids", drop))
 
     def _request_from_text(self, prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
                            instruction: str | None = None, extra: Sequence[str] = ()) -> _Request:
@@ -326,29 +420,9 @@ class Engine:
                              f"got {single_line!r}")
         tok = self._need_tokenizer()
         max_new_tokens, cfg, generator = self._resolve(max_new_tokens, seed, sampling)
-        budget = self.settings.max_prefix_tokens
-        # Bound tokenizer work on huge files: at most ~16 chars per token, start snapped to a fixed grid so
-        # that typing at the end keeps the same window start (and the prefix cache stays valid).
-        cap = budget * 16
-        start = 0
-        if len(prefix) > cap:
-            grid = max(cap // 4, 1)
-            start = ((len(prefix) - cap) // grid + 1) * grid
-        prefix_ids = tok.encode(prefix[start:], add_special_tokens=False)
-        prefix_ids = self._window_prefix(prefix_ids)
-        if start == 0 and len(prefix_ids) < budget and self.bos_id is not None:
-            prefix_ids = [self.bos_id] + prefix_ids
-        head = self._extra_ids(extra)
-        if head and self.bos_id is not None:
-            # The encoder prompt starts at BOS, then the other files' chunks, then this file's prefix.
-            head = [self.bos_id] + head
-            if prefix_ids[:1] == [self.bos_id]:
-                prefix_ids = prefix_ids[1:]
-        if instruction:
-            prefix_ids = self._instruction_ids(instruction) + prefix_ids
-        # Chunks first: they change least often (llama.vim sends the same ring of chunks on every
-        # keystroke), so the prefix cache keeps them while the file's prefix changes after them.
-        prefix_ids = head + prefix_ids
+        window, prefix_ids = self._prefix_window(prefix)
+        window, prefix_ids = self._with_lead(window, prefix_ids, self._extra_ids(extra),
+                                             self._instruction_ids(instruction) if instruction else [])
         if not prefix_ids:
             raise ValueError("the prefix is empty and the tokenizer has no BOS token to start from")
         head_chars = max(self.settings.suffix_head_tokens, 1) * 16
@@ -360,7 +434,8 @@ class Engine:
         if single_line:
             # The answer is cut at the first newline anyway: a smaller canvas is the same answer, sooner.
             max_new_tokens = min(max_new_tokens, self.settings.single_line_tokens)
-        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line)
+        return _Request(prefix_ids, head, max_new_tokens, cfg, generator, session, single_line=single_line,
+                        window=window, prefix_text=prefix, suffix_text=suffix)
 
     def _extra_ids(self, extra: Sequence[str]) -> list[int]:
         """Token ids of the chunks of other files that fit `Settings.max_extra_tokens`.
@@ -369,7 +444,9 @@ class Engine:
         ring and llama.cpp's choice), kept in their order, so that an unchanged list of chunks always
         gives the same ids and stays in the prefix cache.
         """
-        budget = self.settings.max_extra_tokens
+        # Within the model's positions: a full prefix window and a canvas still fit after the chunks.
+        positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
+        budget = min(self.settings.max_extra_tokens, positions - self.canvas_length - self.window_tokens)
         if not extra or budget <= 0:
             return []
         tok = self._need_tokenizer()
@@ -388,14 +465,37 @@ class Engine:
             used += len(ids)
         return [t for ids in reversed(taken) for t in ids]
 
-    def _window_prefix(self, ids: list[int]) -> list[int]:
-        """Cut on the left in chunks of a quarter window, so the cut point moves rarely (prefix-cache friendly)."""
-        budget = self.settings.max_prefix_tokens
-        if len(ids) <= budget:
-            return ids
-        chunk = max(budget // 4, 1)
-        drop = math.ceil((len(ids) - budget) / chunk) * chunk
-        return ids[drop:]
+    def _prefix_window(self, prefix: str) -> tuple[tuple, list[int]]:
+        """(window key, token ids) the encoder sees for `prefix` (rules in `dg_edit.windows`).
+
+        A function of the text alone, so a warm request and a cold one see the same tokens at the
+        same positions. The key names the cached strip that serves it: (lead, char start, tokens cut).
+        """
+        window = self.window_tokens
+        start = char_start(len(prefix), window)
+        ids = self._need_tokenizer().encode(prefix[start:], add_special_tokens=False)
+        if start == 0 and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        drop = token_drop(len(ids), window)
+        return (0, start, drop), ids[drop:]
+
+    def _with_lead(self, key: tuple, ids: list[int], extra_ids: list[int],
+                   instruction_ids: list[int]) -> tuple[tuple, list[int]]:
+        """A prefix window's (key, ids) with what goes ahead of the document: an instruction, then BOS and
+        the other files' chunks (whose BOS replaces the window's own).
+
+        Chunks first: they change least often (llama.vim sends the same ring of chunks on every
+        keystroke), so the cache keeps them while the file's prefix changes after them. A lead gets its
+        own cached strip (the key's first field), seeded from the document's best-matching one.
+        """
+        if extra_ids:
+            bos = [self.bos_id] if self.bos_id is not None else []
+            ids = bos + extra_ids + (ids[1:] if bos and ids[:1] == bos else ids)
+        ids = instruction_ids + ids
+        lead = (*instruction_ids, -1, *extra_ids)
+        if instruction_ids or extra_ids:
+            key = (hash(lead), *key[1:])
+        return key, ids
 
     def _instruction_ids(self, instruction: str) -> list[int]:
         tok = self.tokenizer
@@ -410,6 +510,34 @@ class Engine:
             return [vocab["<instruction>"], *body, vocab["</instruction>"]]
         comment = tok.encode(f"# {instruction}\n", add_special_tokens=False)
         return comment
+
+    # ------------------------------------------------------------------ typed-ahead
+    def _typed_ahead(self, request: _Request) -> Done | None:
+        """The rest of this session's previous answer when the user has typed its beginning, else None."""
+        t0 = time.perf_counter()
+        key = (request.session, request.options[0])
+        with self._answers_lock:
+            rest = rest_after_typing(self._answers.get(key), request.prefix_text, request.suffix_text,
+                                     request.options)
+            if rest is None:
+                return None
+            self._answers[key] = Answer(request.prefix_text, request.suffix_text, rest, request.options)
+            self._answers.move_to_end(key)
+        self._prefill.touch()
+        self.last_encoded, self.last_prefix_len = 0, 0
+        ids = tuple(self.tokenizer.encode(rest, add_special_tokens=False))
+        return Done(text=rest, ids=ids, steps=0, tokens_per_forward=0.0, ms=(time.perf_counter() - t0) * 1000.0,
+                    typed_ahead=True)
+
+    def _remember(self, request: _Request, done: Done) -> None:
+        if request.options is None or request.init_middle is not None:
+            return
+        key = (request.session, request.options[0])
+        with self._answers_lock:
+            self._answers[key] = Answer(request.prefix_text, request.suffix_text, done.text, request.options)
+            self._answers.move_to_end(key)
+            while len(self._answers) > _MAX_ANSWERS:
+                self._answers.popitem(last=False)
 
     # ------------------------------------------------------------------ the loop
     def _guarded(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
@@ -434,21 +562,26 @@ class Engine:
                 "fits") from None
 
     def _run(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
+        """`_generate`, holding idle prefill off from its first step to its end."""
+        cursor = len(request.prefix_text) if request.prefix_text is not None else None
+        with self._prefill.request(request.session, cursor):
+            yield from self._generate(request, with_steps)
+
+    def _generate(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
         t0 = time.perf_counter()
         model = self.model
         stop_ids = set(self.eos_ids)  # as the reference: EOS ends the output, pad only follows it
-        # 1.a Encode the prefix (reusing this document's cache).
+        # 1.a Encode the prefix. Sessions reuse their document's cached strip, encoding in
+        # position-aligned chunks (warm == cold, bitwise); one-off requests encode in one pass, as
+        # generate does.
         with self._lock, self._inference():
-            entry = self._sessions.get(request.session) if request.session is not None else None
-            # Sessions encode in position-aligned chunks (warm == cold, bitwise); one-off requests in one
-            # pass, as generate does.
-            chunk = self.settings.prefix_chunk if request.session is not None else None
-            cache, entry, n_encoded = encode_prefix(model, request.prefix_ids, entry, chunk)
             if request.session is not None:
-                self._sessions[request.session] = entry
-                self._sessions.move_to_end(request.session)
-                while len(self._sessions) > _MAX_SESSIONS:
-                    self._sessions.popitem(last=False)
+                # no prefix in this window is longer than a window (plus an instruction before it)
+                limit = max(len(request.prefix_ids), self.window_tokens)
+                cache, n_encoded = self.caches.encode(model, request.session, request.window, request.prefix_ids,
+                                                      limit=limit)
+            else:
+                cache, n_encoded = encode_prefix(model, request.prefix_ids)
             self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
         cur_len = len(request.prefix_ids)
         middle: list[int] = []
@@ -500,9 +633,11 @@ class Engine:
                 text_ids = self.tokenizer.encode(text, add_special_tokens=False)
                 n_tokens = len(text_ids) + 1  # the line, then the newline that ends it
         ms = (time.perf_counter() - t0) * 1000.0
-        yield Done(text=text, ids=tuple(text_ids), steps=steps_total,
-                   tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
-                   scores=scores)
+        done = Done(text=text, ids=tuple(text_ids), steps=steps_total,
+                    tokens_per_forward=(n_tokens / steps_total) if steps_total else 0.0, ms=ms, length=chosen_len,
+                    scores=scores, encoded=n_encoded, prefix_tokens=len(request.prefix_ids))
+        self._remember(request, done)  # before the yield: a consumer may stop at the Done
+        yield done
 
     def _denoise_block(self, cache, layout: Layout, request: _Request, stop_ids: set[int], middle_so_far: list[int],
                        with_steps: bool, step_offset: int, t0: float):

@@ -56,15 +56,22 @@ class Done:
     ms: float = field(default=0.0, compare=False)  # wall time differs run to run
     length: int = 0  # chosen middle slot length (candidate)
     scores: tuple[float, ...] = field(default=(), compare=False)
+    # The rest of the previous answer, which the user has begun to type (no model call; steps 0).
+    typed_ahead: bool = False
+    encoded: int = field(default=0, compare=False)  # prefix tokens the encoder ran for this request
+    prefix_tokens: int = field(default=0, compare=False)  # the windowed prefix the answer is conditioned on
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": "done",
             "text": self.text,
             "steps": self.steps,
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "ms": round(self.ms, 1),
         }
+        if self.typed_ahead:
+            out["typed_ahead"] = True
+        return out
 
 
 @dataclass(frozen=True)

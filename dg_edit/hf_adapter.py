@@ -202,6 +202,21 @@ def text_config(model):
     return model.config.get_text_config(decoder=True)
 
 
+def layer_kv_shapes(text_config) -> list[tuple[int, int]]:
+    """(K/V heads, head dim) of every layer, from a DiffusionGemma text config.
+
+    Full-attention layers differ from sliding ones (the 26B: 2 heads of 512 against 8 of 256). Since
+    5.23 the config resolves that into `per_layer_config[i]` (from `global_head_dim` and
+    `num_global_key_value_heads`); the attention layers read the same view.
+    """
+    per_layer = getattr(text_config, "per_layer_config", None)
+    shapes = []
+    for i in range(text_config.num_hidden_layers):
+        layer = per_layer[i] if per_layer is not None else text_config
+        shapes.append((int(layer.num_key_value_heads), int(layer.head_dim)))
+    return shapes
+
+
 def encoder_module(model) -> torch.nn.Module:
     """The encoder (for forward hooks: fault injection)."""
     return model.model.encoder

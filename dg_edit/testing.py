@@ -74,6 +74,15 @@ def save_tiny_model_dir(path, seed: int = 0, max_denoising_steps: int = 8, **kwa
     return Path(path)
 
 
+def plain(value):
+    """pygls hands custom payloads (dgEdit/stats) over as namedtuple-like `Object`s: dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 async def stop_language_client(client, timeout: float) -> None:
     """Shut down a pygls `LanguageClient` started with `start_io` as an editor does (shutdown, exit,
     wait for the server process), killing the process if it does not go within `timeout` per stage."""

@@ -18,6 +18,7 @@ from lsprotocol import types
 
 from dg_edit.config import Settings
 
+from . import prefill
 from .engine_host import EngineUnavailable
 from .state import DgEditServer
 
@@ -44,6 +45,7 @@ def _apply(ls: DgEditServer, options: Any, source: str) -> bool:
     ls.settings = settings
     ls.forget_results()  # computed with other settings
     ls.host.start(settings)  # loads, reloads (other model) or re-wraps (other windows) as needed
+    prefill.schedule_all(ls)  # a new engine starts with empty caches
     return True
 
 

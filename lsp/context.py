@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from dg_edit.extra import extra_chunk
 
-from .documents import language_enabled
+from . import documents
 from .state import DgEditServer
 
 CHUNK_LINES = 64
@@ -29,7 +29,7 @@ def other_documents(ls: DgEditServer, uri: str) -> tuple[str, ...]:
     chunks = []
     for other in sorted(ls.workspace.text_documents):
         doc = ls.workspace.text_documents[other]
-        if other == uri or not language_enabled(ls, doc):
+        if other == uri or not documents.language_enabled(ls, doc):
             continue
         head = _head(doc.source)
         if head.strip():

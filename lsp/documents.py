@@ -3,7 +3,8 @@ converted with pygls's position codec (whatever encoding `initialize` negotiated
 
 pygls keeps the text (incremental sync) before our handler runs; what we add is that a new
 version makes every request still running for an older version stale (`DgEditServer.document_changed`),
-and that closing a document drops its prefix cache in the engine.
+that the new text goes to idle prefill (`prefill.schedule`), and that closing a document drops its
+caches in the engine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.workspace import TextDocument
 
+from . import prefill
 from .state import DgEditServer
 
 
@@ -29,8 +31,12 @@ class Cursor:
 
 
 def on_open_or_change(ls: DgEditServer, params: types.DidOpenTextDocumentParams | types.DidChangeTextDocumentParams):
-    """didOpen and didChange: the text is already updated by pygls; older requests are now stale."""
+    """didOpen and didChange: the text is already updated by pygls; older requests are now stale, and
+    the new text is prefilled once the editor is quiet."""
     ls.document_changed(params.text_document.uri, params.text_document.version)
+    if isinstance(params, types.DidOpenTextDocumentParams):
+        prefill.schedule_all(ls)  # a new document is context for the others (`context`)
+    prefill.schedule(ls, params.text_document.uri)  # last: the most recent, prefilled first
 
 
 def on_close(ls: DgEditServer, params: types.DidCloseTextDocumentParams):
@@ -39,6 +45,7 @@ def on_close(ls: DgEditServer, params: types.DidCloseTextDocumentParams):
     engine = ls.host.loaded()
     if engine is not None:
         engine.forget(uri)
+        prefill.schedule_all(ls)  # the others lost this document from their context
 
 
 def open_document(ls: DgEditServer, uri: str) -> TextDocument:

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Engine settings that change how a request is tokenized and windowed: changing them re-wraps the model.
-_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens", "max_extra_tokens")
+# Engine settings that change how a request is tokenized and windowed, or how the engine keeps its
+# caches: changing them re-wraps the model (a new Engine, with empty caches).
+_WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens", "max_extra_tokens", "prefix_chunk",
+                "cache_budget_mb", "idle_prefill", "idle_prefill_ms", "typed_ahead")
 
 
 class RequestFailed(JsonRpcException):
@@ -180,4 +182,6 @@ class EngineHost:
         return launched if settings == launched.settings else launched.with_settings(settings)
 
     def _rewrap(self, previous: Future, settings: Settings) -> "Engine":
-        return previous.result().with_settings(settings)
+        old = previous.result()
+        old.close()  # its idle prefill and caches: the new engine keeps its own
+        return old.with_settings(settings)

@@ -91,7 +91,7 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
     texts, tried = ls.recall(key)
     t0 = time.perf_counter()
     if record is not None:
-        record.update(cached=tried > 0, encoded=0, prefix_tokens=None, steps=0)
+        record.update(cached=tried > 0, encoded=0, prefix_tokens=None, steps=0, typed_ahead=False)
     if len(texts) < count and tried < 2 * count:
         engine = await ls.host.get()
         settings = ls.settings
@@ -108,8 +108,8 @@ async def infill_texts(ls: DgEditServer, cursor: Cursor, count: int, reporter: S
                 reporter if first else None)
             tried = seed + 1
             if first and record is not None:
-                # engine.last_* describe the most recent encode; with one request at a time that is ours.
-                record.update(encoded=engine.last_encoded, prefix_tokens=engine.last_prefix_len, steps=done.steps)
+                record.update(encoded=done.encoded, prefix_tokens=done.prefix_tokens, steps=done.steps,
+                              typed_ahead=done.typed_ahead)
             text = trim_suffix_overlap(done.text, cursor.suffix)
             if text.strip() and text not in texts:
                 texts.append(text)

@@ -29,6 +29,10 @@ textDocument/inlineCompletion   InlineCompletionParams → InlineCompletionList
     Pass `workDoneToken` to get `$/progress`. Language not enabled → empty list.
     Results are remembered per (uri, version, cursor): asking again at the same place in the same
     version answers at once (an Invoked request after an Automatic one only runs the new seeds).
+    Typed-ahead: when the user has typed the beginning of the previous answer at its cursor (same
+    suffix), the rest of that answer comes back without a model call (stats record typed_ahead).
+    Open documents are prefilled while the editor is quiet (idle_prefill_ms), so a request anywhere
+    in them encodes only the chunk holding its cursor.
 textDocument/completion         fallback: one item (none if the infill is empty), label = its first
                                 line, textEdit inserts the infill at the cursor; isIncomplete = true.
 textDocument/codeAction         non-empty range → [{title: "Rewrite selection (dg-edit)",
@@ -43,7 +47,10 @@ workspace/executeCommand
 dgEdit/stats                    (custom, no params) → {requests, completed, cancelled, stale, errors,
                                 accepted, inflight, engine: {state: idle|loading|ready|failed, load_ms,
                                 model?, error?}, settings, recent: [{kind, uri, version, requestId, ms,
-                                cached, encoded, prefix_tokens, steps, items|applied}]}
+                                cached, encoded, prefix_tokens, steps, typed_ahead, items|applied}],
+                                cache: null | {bytes_per_token, budget_bytes, bytes, window_tokens,
+                                documents: [{session (the uri), strips, tokens, bytes}], prefill: {pending, running,
+                                encoded, passes, budget_full, error}}}
 $/cancelRequest                 stops the denoising loop within one step; answer: error -32800.
 
 Notifications (server → client)
@@ -80,7 +87,8 @@ Keys of dg_edit.config.Settings, flat or under "dgEdit" (unknown keys → error 
     text), candidates (3), languages (["*"] or languageIds),
     max_prefix_tokens (2048), max_suffix_tokens (512), suffix_head_tokens (16), max_extra_tokens (1024,
     chunks of the other open documents ahead of the prefix; 0 = none), debounce_ms (150,
-    for plug-ins), sampling ({...}) — and sampling names at the top level, e.g.
+    for plug-ins), cache_budget_mb (1024), idle_prefill (true), idle_prefill_ms (500), typed_ahead
+    (true), sampling ({...}) — and sampling names at the top level, e.g.
     max_denoising_steps, t_min, t_max, entropy_bound; request_timeout_s (60). A changed `model`
     reloads the engine. Each didChangeConfiguration replaces the previous one (applied on top of the
     command line + initializationOptions, not of the last change). An empty/null `settings` makes the server

@@ -70,6 +70,7 @@ class DgEditServer(LanguageServer):
         self.stats = Stats()
         # (uri, version, cursor digest...) -> (distinct infills, seeds tried); dropped when the document moves on
         self.results: collections.OrderedDict[tuple, tuple[list[str], int]] = collections.OrderedDict()
+        self.prefill_waiting: asyncio.Future | None = None  # prefill.schedule_all, until the engine is ready
 
     # ------------------------------------------------------------------ remembered results
     def recall(self, key: tuple) -> tuple[list[str], int]:

@@ -2,7 +2,11 @@
 
 The benchmark (bench/lsp.py) reads the prefix-cache metric from here: each completed inline
 completion record has `encoded` (prefix tokens the encoder processed for that request) and
-`prefix_tokens` (the windowed prefix length), so `encoded / prefix_tokens` is the share re-encoded.
+`prefix_tokens` (the windowed prefix length), so `encoded / prefix_tokens` is the share re-encoded,
+and `typed_ahead` (true: the rest of the previous answer, no model call, steps 0). `cache` is the
+engine's `cache_info()`: bytes per token, budget, bytes held, documents (a list of {session: the
+uri, strips, tokens, bytes}, least recently used first) and idle prefill (pending, running, encoded, passes, budget_full, error);
+null while the model loads.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ def stats(ls: DgEditServer, params: Any = None) -> dict[str, Any]:
     out["engine"] = ls.host.info()
     out["settings"] = ls.settings.to_dict()
     out["inflight"] = sum(len(v) for v in ls.inflight.values())
+    engine = ls.host.loaded()
+    out["cache"] = engine.cache_info() if engine is not None else None
     return out
 
 

@@ -20,7 +20,7 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
 
-from dg_edit.testing import stop_language_client
+from dg_edit.testing import plain, stop_language_client
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
@@ -56,7 +56,7 @@ class Harness:
         self.pull_settings: dict[str, dict] = {}  # what workspace/configuration answers, per section
         self.versions: dict[str, int] = {}
         c = self.client
-        c.feature("dgEdit/canvas")(lambda ls, p: self.canvas.append(_plain(p)))
+        c.feature("dgEdit/canvas")(lambda ls, p: self.canvas.append(plain(p)))
         c.feature(t.PROGRESS)(lambda ls, p: self.progress.append((p.token, p.value)))
         c.feature(t.WINDOW_LOG_MESSAGE)(lambda ls, p: self.logs.append(p))
         c.feature(t.WINDOW_SHOW_MESSAGE)(lambda ls, p: self.shown.append(p))
@@ -138,20 +138,11 @@ class Harness:
         return await asyncio.wait_for(asyncio.wrap_future(future), 60)
 
     async def stats(self) -> dict:
-        return _plain(await asyncio.wait_for(self.client.protocol.send_request_async("dgEdit/stats", None), 60))
+        return plain(await asyncio.wait_for(self.client.protocol.send_request_async("dgEdit/stats", None), 60))
 
     async def execute(self, command: str, argument: dict):
-        return _plain(await asyncio.wait_for(self.client.workspace_execute_command_async(
+        return plain(await asyncio.wait_for(self.client.workspace_execute_command_async(
             t.ExecuteCommandParams(command=command, arguments=[argument])), 120))
-
-
-def _plain(value):
-    """pygls hands custom payloads over as namedtuple-like `Object`s; turn them into dicts/lists."""
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def apply_utf16(text: str, rng: t.Range, new_text: str) -> str:
@@ -176,13 +167,20 @@ def utf16_len(s: str) -> int:
 
 
 SLOW = {"languages": ["python"], "max_denoising_steps": 48, "candidates": 3}
-NORMAL = {"languages": ["python"]}
+# Idle prefill has its own server below (`warm_lsp`); on this shared one it would only add background
+# work between the tests and make the encoder counts of test_prefix_cache_* depend on timing.
+NORMAL = {"languages": ["python"], "idle_prefill_ms": 600_000}
+
+
+async def started(model_dir, options: dict) -> Harness:
+    h = Harness()
+    h.init = await h.start("--model", str(model_dir), options=options)
+    return h
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def lsp(model_dir):
-    h = Harness()
-    h.init = await h.start("--model", str(model_dir), options=NORMAL)
+    h = await started(model_dir, NORMAL)
     yield h
     await h.stop()
 
@@ -289,8 +287,10 @@ async def test_completion_fallback_inserts_the_infill(lsp):
 async def test_prefix_cache_is_reused_between_keystrokes(lsp):
     uri = lsp.open(PY_DOC * 8)
     pos = t.Position(line=5 + 7 * PY_DOC.count("\n"), character=11)  # "return " of the last copy
-    await lsp.inline(uri, pos)
-    lsp.change(uri, t.Range(start=pos, end=pos), "r")
+    first_items = (await lsp.inline(uri, pos)).items
+    # Type a character the answer does not start with: typing the answer is typed-ahead, tested below.
+    typed = "q" if first_items and first_items[0].insert_text.startswith("r") else "r"
+    lsp.change(uri, t.Range(start=pos, end=pos), typed)
     await lsp.inline(uri, t.Position(line=pos.line, character=pos.character + 1))
     records = [r for r in (await lsp.stats())["recent"] if r.get("uri") == uri]
     first, second = records[-2], records[-1]
@@ -510,7 +510,7 @@ async def test_rewrite_code_action_applies_an_edit_with_progress(lsp):
     uri = lsp.open(PY_DOC)
     rng = t.Range(start=t.Position(line=3, character=0), end=t.Position(line=5, character=10))
     # Raw JSON, as an editor sees it (pygls's client would guess Command for a CodeAction).
-    actions = _plain(await lsp.raw_request(t.TEXT_DOCUMENT_CODE_ACTION, {
+    actions = plain(await lsp.raw_request(t.TEXT_DOCUMENT_CODE_ACTION, {
         "textDocument": {"uri": uri}, "range": _json_range(rng), "context": {"diagnostics": []}}))
     assert len(actions) == 1 and actions[0]["title"] == "Rewrite selection (dg-edit)"
     assert actions[0]["kind"] == "refactor.rewrite"
@@ -525,7 +525,7 @@ async def test_rewrite_code_action_applies_an_edit_with_progress(lsp):
     assert change.edits[0].range == rng and change.edits[0].new_text == out["text"]
     # $/progress on a server-created token: begin, "step i/N" reports counting up, end.
     token = lsp.created_tokens[-1]
-    values = [_plain(v) for tok, v in lsp.progress if tok == token]
+    values = [plain(v) for tok, v in lsp.progress if tok == token]
     assert values[0]["kind"] == "begin" and values[-1]["kind"] == "end"
     reports = [int(v["message"].split()[1].split("/")[0]) for v in values if v["kind"] == "report"]
     assert reports and reports == sorted(reports) and len(set(reports)) == len(reports)
@@ -591,7 +591,7 @@ async def test_inline_progress_with_client_token(lsp):
     uri = lsp.open(PY_DOC)
     token = f"tok-{uuid.uuid4().hex}"
     await lsp.inline(uri, PY_CURSOR, token=token)
-    values = [_plain(v) for tok, v in lsp.progress if tok == token]
+    values = [plain(v) for tok, v in lsp.progress if tok == token]
     assert values[0]["kind"] == "begin" and values[-1]["kind"] == "end"
     messages = [v["message"] for v in values if v["kind"] == "report"]
     assert messages and all(m.startswith("step ") for m in messages)
@@ -698,3 +698,94 @@ async def test_tcp_transport(model_dir):
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+# ---------------------------------------------------------------------- warm everywhere (issue 19)
+WARM = {"languages": ["python"], "idle_prefill_ms": 200, "max_prefix_tokens": 512}
+
+
+def argparse_head(lines: int) -> str:
+    """A real Python file: the first `lines` lines of the standard library's argparse."""
+    import argparse as source
+
+    from pathlib import Path
+
+    return "".join(Path(source.__file__).read_text(encoding="utf-8").splitlines(keepends=True)[:lines])
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def warm_lsp(model_dir):
+    h = await started(model_dir, WARM)
+    yield h
+    await h.stop()
+
+
+async def inline_record(h: Harness, uri: str) -> dict:
+    return [r for r in (await h.stats())["recent"] if r.get("uri") == uri and r["kind"] == "inline"][-1]
+
+
+async def test_a_jump_after_idle_prefill_is_served_warm(warm_lsp, model_dir):
+    from transformers import AutoConfig
+
+    from dg_edit.prefix_cache import kv_bytes_per_token
+
+    text = argparse_head(400)  # ~3,700 tokens: 14 windows of at most 512 tokens, two character windows
+    uri = warm_lsp.open(text)
+    deadline = time.monotonic() + 170
+    while True:  # the editor is quiet: the server prefills the document in the background
+        cache = (await warm_lsp.stats())["cache"]
+        docs = {d["session"]: d for d in cache["documents"]} if cache else {}
+        if uri in docs and cache["prefill"]["pending"] == 0 and cache["prefill"]["passes"]:
+            break
+        assert time.monotonic() < deadline, cache
+        await asyncio.sleep(0.2)
+    config = AutoConfig.from_pretrained(str(model_dir)).get_text_config(decoder=True)
+    assert cache["bytes_per_token"] == kv_bytes_per_token(config, 4)  # the server runs the model in fp32
+    assert docs[uri]["tokens"] >= len(text) // 8 and cache["prefill"]["error"] is None
+    assert cache["bytes"] <= cache["budget_bytes"]
+    lines = text.split("\n")
+    for line in (300, 220, 380, 140, 60):  # jumps down and up, the cursor in the middle of a line
+        pos = t.Position(line=line, character=len(lines[line]) // 2)
+        await warm_lsp.inline(uri, pos)
+        record = await inline_record(warm_lsp, uri)
+        assert record["prefix_tokens"] > 256 and not record["typed_ahead"], record
+        assert record["encoded"] < 2 * 64, record  # at most the chunk holding the cursor (and a word cut)
+    # an edit drops what lies after it; after the next quiet moment a jump below it is warm again
+    version = warm_lsp.change(uri, t.Range(start=t.Position(line=200, character=0),
+                                           end=t.Position(line=200, character=0)), "# edited\n")
+    await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 170
+    passes = cache["prefill"]["passes"]
+    while (await warm_lsp.stats())["cache"]["prefill"]["passes"] <= passes:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    await warm_lsp.inline(uri, t.Position(line=351, character=4))
+    record = await inline_record(warm_lsp, uri)
+    assert record["version"] == version and record["encoded"] < 2 * 64, record
+
+
+async def test_typing_the_answer_gets_the_rest_without_the_model(warm_lsp):
+    text = argparse_head(400)
+    uri = warm_lsp.open(text)
+    lines = text.split("\n")
+    for line in (100, 123, 146, 215, 284, 353):  # places where the embedded model writes a few characters
+        pos = t.Position(line=line, character=len(lines[line]) // 2)
+        items = (await warm_lsp.inline(uri, pos)).items
+        answer = items[0].insert_text if items else ""
+        if answer[:2].strip() and answer[2:].strip():
+            break
+    else:
+        pytest.fail("no answer of three characters or more at any of the places tried")
+    asked = await inline_record(warm_lsp, uri)
+    assert not asked["typed_ahead"] and asked["steps"] > 0
+    warm_lsp.change(uri, t.Range(start=pos, end=pos), answer[:2])  # the user types what they were shown
+    typed = t.Position(line=pos.line, character=pos.character + 2)
+    items = (await warm_lsp.inline(uri, typed)).items
+    record = await inline_record(warm_lsp, uri)
+    assert [item.insert_text for item in items] == [answer[2:]]
+    assert record["typed_ahead"] and record["steps"] == 0 and record["encoded"] == 0, record
+    # typing something else asks the model again
+    warm_lsp.change(uri, t.Range(start=typed, end=typed), "\x07")
+    await warm_lsp.inline(uri, t.Position(line=typed.line, character=typed.character + 1))
+    record = await inline_record(warm_lsp, uri)
+    assert not record["typed_ahead"] and record["steps"] > 0

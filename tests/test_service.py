@@ -257,6 +257,36 @@ async def test_session_requests_reuse_the_prefix_cache_and_keep_results(server):
     assert results[0]["text"] == results[1]["text"] == results[2]["text"]
 
 
+async def test_a_session_is_prefilled_from_its_requests_and_typed_ahead(server):
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(60))
+    cut = text.index("return x + 30") + len("return ")
+    before = health(server)["cache"]
+    async with connect(server.ws_url) as ws:
+        for seed in range(12):
+            rid = f"p{seed}"
+            await ws.send(infill(rid, text[:cut], text[cut:], seed=seed, session="big.py"))
+            answer = check_stream((await collect(ws, [rid]))[rid])["text"]
+            if answer[:2].strip() and answer[2:].strip():
+                break
+        else:
+            pytest.fail("no answer of three characters or more in 12 seeds")
+        # The user types the first two characters of the answer: the rest comes back with no model call.
+        await ws.send(infill("t1", text[:cut] + answer[:2], text[cut:], seed=seed, session="big.py"))
+        frames = (await collect(ws, ["t1"]))["t1"]
+        assert len(frames) == 1 and frames[0]["type"] == "done"
+        assert frames[0]["typed_ahead"] is True and frames[0]["steps"] == 0 and frames[0]["text"] == answer[2:]
+        # The document the requests showed (prefix + suffix) is prefilled once the connection is quiet.
+        deadline = asyncio.get_running_loop().time() + 120
+        while True:
+            cache = health(server)["cache"]
+            if cache["prefill"]["passes"] > before["prefill"]["passes"] and cache["prefill"]["pending"] == 0:
+                break
+            assert asyncio.get_running_loop().time() < deadline, cache
+            await asyncio.sleep(0.2)
+    assert cache["prefill"]["encoded"] > before["prefill"]["encoded"] and cache["prefill"]["error"] is None
+    assert cache["bytes_per_token"] > 0 and 0 < cache["bytes"] <= cache["budget_bytes"]
+
+
 # ---------------------------------------------------------------------------------------------- cancel
 async def test_cancel_stops_a_running_request(server):
     async with connect(server.ws_url) as ws:

@@ -145,6 +145,52 @@ async def test_reject_restores_the_buffer_exactly(source_file, engine):
         assert app.status.message == "proposal rejected"
 
 
+async def test_typing_the_start_of_a_rejected_proposal_brings_the_rest_at_once(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        editor = app.editor
+        for _attempt in range(10):  # an answer with something left after its first two characters
+            await infill_at(pilot, app, (8, 4))
+            final = editor.proposal.final
+            await pilot.press("escape")
+            await pilot.pause()
+            if final[:2].strip() and final[2:].strip():
+                break
+        else:
+            pytest.fail("no proposal of three characters or more in ten tries")
+        assert "steps ·" in app.status.progress
+        editor.move_cursor((8, 4))
+        editor.insert(final[:2])  # the user types what they were shown
+        await pilot.press("ctrl+space")
+        await wait_for(pilot, lambda: editor.proposal is not None and editor.proposal.final is not None,
+                       what="the typed-ahead answer")
+        assert editor.proposal.final == final[2:]
+        assert app.status.progress.startswith("typed ahead")
+        await pilot.press("tab")
+        await pilot.pause()
+        prefix, suffix = split(SOURCE, 8, 4)
+        assert editor.text == prefix + final + suffix
+
+
+async def test_the_open_file_is_prefilled_while_the_user_is_idle(source_file, engine):
+    app = DgEditApp(source_file, engine=engine)
+    session = str(source_file.resolve())
+
+    def prefilled() -> bool:
+        info = engine.cache_info()
+        return info["prefill"]["pending"] == 0 and any(d["session"] == session for d in info["documents"])
+
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, prefilled, what="idle prefill of the open file")
+        tokens = next(d["tokens"] for d in engine.cache_info()["documents"] if d["session"] == session)
+        assert tokens >= len(engine.tokenizer.encode(SOURCE, add_special_tokens=False))
+        app.editor.move_cursor((1, 0))
+        app.editor.insert("import sys\n")  # an edit: prefilled again once the user stops
+        passes = engine.cache_info()["prefill"]["passes"]
+        await wait_for(pilot, lambda: engine.cache_info()["prefill"]["passes"] > passes and prefilled(),
+                       what="prefill after the edit")
+
+
 async def test_ctrl_z_undoes_an_accepted_proposal(source_file, engine):
     app = DgEditApp(source_file, engine=engine)
     async with app.run_test(size=SIZE) as pilot:

@@ -240,6 +240,7 @@ class DgEditApp(App[int]):
         # The model loads only once there is a file to edit: a file that cannot be opened quits at once.
         if self.engine is not None:
             self.phase = "ready"
+            self._prefill()
         elif self._load_engine is not None:
             self.phase = "loading model"
             self.load_model()
@@ -248,7 +249,20 @@ class DgEditApp(App[int]):
 
     def on_text_area_changed(self, event: EditorArea.Changed) -> None:
         if self.saved_text is not None:
-            self.dirty = self.editor.committed_text() != self.saved_text
+            text = self.editor.committed_text()
+            self.dirty = text != self.saved_text
+            self._prefill(text)
+
+    def _prefill(self, text: str | None = None) -> None:
+        """Tell an in-process engine the buffer's text: it encodes it while the user is idle, so an
+        infill anywhere starts warm. (A `--connect` engine learns the text from each request.)"""
+        prefill = getattr(self.engine, "prefill", None)
+        if prefill is not None and self.saved_text is not None:
+            prefill(self._session, self.editor.committed_text() if text is None else text)
+
+    @property
+    def _session(self) -> str:
+        return str(self.path.resolve())
 
     def action_save(self) -> None:
         self._save_flow()
@@ -321,6 +335,7 @@ class DgEditApp(App[int]):
     def on_engine_ready(self, message: EngineReady) -> None:
         self.engine = message.engine
         self.phase = "ready"
+        self._prefill()
 
     def on_engine_failed(self, message: EngineFailed) -> None:
         self.phase = "no model"
@@ -357,7 +372,7 @@ class DgEditApp(App[int]):
         cursor = editor.selection.end
         prefix, suffix = doc.get_text_range(doc.start, cursor), doc.get_text_range(cursor, doc.end)
         editor.begin_proposal("infill", cursor, cursor)
-        engine, session = self.engine, str(self.path.resolve())
+        engine, session = self.engine, self._session
         self._start("infill", suffix, lambda: engine.stream(prefix, suffix, session=session))
 
     def action_rewrite(self) -> None:
@@ -381,7 +396,7 @@ class DgEditApp(App[int]):
         editor.selection = selection
         editor.begin_proposal("rewrite", start, end)
         editor.show_segments(diff_segments(chosen, chosen))  # the selection, styled as part of the proposal
-        engine, session = self.engine, str(self.path.resolve())
+        engine, session = self.engine, self._session
         self._start("rewrite", suffix, lambda: engine.stream_rewrite(
             prefix, chosen, suffix, instruction=req.instruction, strength=req.strength, session=session))
 
@@ -443,7 +458,8 @@ class DgEditApp(App[int]):
         self.request = None
         proposal = editor.proposal
         proposal.final = final = clean_model_text(event.text)
-        self.status.progress = f"{event.steps} steps · {event.tokens_per_forward:.2f} tok/fwd · {event.ms:.0f} ms"
+        self.status.progress = ("typed ahead: the rest of the last answer, no model call" if event.typed_ahead else
+                                f"{event.steps} steps · {event.tokens_per_forward:.2f} tok/fwd · {event.ms:.0f} ms")
         if request.kind == "infill":
             if not final:
                 editor.reject()

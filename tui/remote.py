@@ -46,7 +46,8 @@ def step_from_frame(frame: dict[str, Any]) -> Step:
 
 def done_from_frame(frame: dict[str, Any]) -> Done:
     return Done(text=frame["text"], ids=(), steps=int(frame["steps"]),
-                tokens_per_forward=float(frame["tokens_per_forward"]), ms=float(frame.get("ms", 0.0)))
+                tokens_per_forward=float(frame["tokens_per_forward"]), ms=float(frame.get("ms", 0.0)),
+                typed_ahead=bool(frame.get("typed_ahead", False)))
 
 
 class RemoteEngine:

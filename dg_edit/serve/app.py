@@ -122,7 +122,13 @@ class Service:
             "inflight": self.inflight(),
             # step frames replaced by a newer draft before a lagging client read them
             "drafts_coalesced": self._coalesced_closed + sum(c.outbox.coalesced for c in self.clients),
+            "cache": self._cache(),
         }
+
+    def _cache(self) -> dict[str, Any] | None:
+        """The engine's encoder caches and idle prefill, with a count instead of the documents' names."""
+        info = self.engine.cache_info() if self.engine is not None and hasattr(self.engine, "cache_info") else None
+        return None if info is None else {**info, "documents": len(info["documents"])}
 
     def inflight(self) -> int:
         """Engine streams running now, on every connection and route."""

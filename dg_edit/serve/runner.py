@@ -36,7 +36,14 @@ class Job:
 
 
 def job_events(engine, job: Job) -> Callable[[], Iterator[Step | Done]]:
-    """A callable that starts the job's engine stream (called in a model worker thread)."""
+    """A callable that starts the job's engine stream (called in a model worker thread).
+
+    A job with a session also tells the engine what the session's document reads, as the request
+    shows it (prefix + selection + suffix, behind its chunks of other files): idle prefill encodes it
+    while the service is quiet, so the next request anywhere in it starts warm.
+    """
+    if job.session is not None:
+        engine.prefill(job.session, job.prefix + job.selection + job.suffix, extra=job.extra)
     if job.kind == "infill":
         return lambda: engine.stream(job.prefix, job.suffix, max_new_tokens=job.max_new_tokens, seed=job.seed,
                                      session=job.session, single_line=job.single_line, extra=job.extra,

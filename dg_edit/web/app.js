@@ -130,8 +130,9 @@ function onFrame(frame) {
       const span = ghost([document.createTextNode(frame.text)]);
       span.classList.add("final");
       showPreview(span);
-      setStatus(`done ${frame.id}: ${frame.steps} steps · ${frame.tokens_per_forward} tokens/forward · ` +
-                `${frame.ms.toFixed(1)} ms: Tab accepts, Esc dismisses`, "done");
+      const how = frame.typed_ahead ? "typed ahead, the rest of the last answer"
+        : `${frame.steps} steps · ${frame.tokens_per_forward} tokens/forward · ${frame.ms.toFixed(1)} ms`;
+      setStatus(`done ${frame.id}: ${how}: Tab accepts, Esc dismisses`, "done");
       buttons.accept.disabled = false;
       break;
     }

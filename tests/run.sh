@@ -19,7 +19,7 @@ if [ "${1:-}" = "--oldest" ]; then end=oldest; shift; fi
 # textual (TUI), accelerate (--parallel).
 OLDEST_TESTS=(tests/test_install.py tests/test_engine.py tests/test_sampler.py tests/test_cli.py tests/test_train.py
               tests/test_lsp.py tests/test_lsp_units.py tests/test_service_protocol.py tests/test_service.py tests/test_http_api.py
-              tests/test_tui_parts.py tests/test_tui.py tests/test_parallel.py)
+              tests/test_tui_parts.py tests/test_tui.py tests/test_parallel.py tests/test_warm.py)
 
 need_apt=()
 command -v chromium >/dev/null || need_apt+=(chromium)

@@ -456,3 +456,29 @@ print("exiting mid-prefill", flush=True)
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exiting mid-prefill" in proc.stdout and "terminate" not in proc.stderr
+
+
+def test_prefill_with_other_files_chunks_serves_requests_that_carry_them(pair):
+    # The language server and the HTTP APIs send chunks of other files ahead of the prefix. Prefilled
+    # with the same chunks, every cursor is warm (at most the chunk holding it is encoded) and equals
+    # a cold request with those chunks; prefilled without them, the strip is not the one they use.
+    settings = Settings(max_prefix_tokens=48, prefix_chunk=8, idle_prefill_ms=0, typed_ahead=False,
+                        max_extra_tokens=40)
+    text = DOC[:700]
+    extra = ("# other.py\nimport os\nROOT = os.sep\n", "# util.py\ndef helper(x):\n    return x\n")
+    engine = Engine(*pair, settings=settings)
+    assert engine.prefill_now("doc", text, extra=extra) > 0
+    assert engine.prefill_now("doc", text, extra=extra) == 0
+    logits = Logits(pair[0])
+    for cursor in range(0, len(text), 97):
+        warm, warm_logits = logits(lambda: engine.infill(text[:cursor], text[cursor:], seed=cursor, session="doc",
+                                                         max_new_tokens=8, extra=extra))
+        assert engine.last_encoded <= settings.prefix_chunk, cursor
+        reference, cold_logits = logits(lambda: Engine(*pair, settings=settings).infill(
+            text[:cursor], text[cursor:], seed=cursor, session="doc", max_new_tokens=8, extra=extra))
+        assert warm == reference and all(torch.equal(a, b) for a, b in zip(warm_logits, cold_logits)), cursor
+    # the chunks really are ahead of the prefix: without them the same cursor reads another prompt
+    without = Engine(*pair, settings=settings)
+    without.prefill_now("doc", text)
+    without.infill(text[:300], text[300:], seed=1, session="doc", max_new_tokens=8, extra=extra)
+    assert without.last_encoded > settings.prefix_chunk

@@ -106,7 +106,7 @@ def figures(model, args, label: str) -> dict:
 
     # bare decoder forward over the same canvas, with self-conditioning logits
     with engine._inference():
-        cache, _, _ = encode_prefix(model, prompt, None)
+        cache, _ = encode_prefix(model, prompt)
         tokens = torch.randint(0, vocab, (1, canvas), device=device)
         positions = torch.arange(len(prompt), len(prompt) + canvas, device=device)[None]
         sc = torch.zeros((1, canvas, vocab), device=device, dtype=hf.embedding_dtype(model))

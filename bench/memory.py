@@ -113,7 +113,7 @@ def measure(engine: Engine, prompt: list[int], *, rows: int, slots: int, steps: 
         list(request())
     # the bare forward over the same canvas, reading the same cache, with self-conditioning logits
     with torch.inference_mode():
-        cache, _, _ = encode_prefix(model, prompt, None)
+        cache, _ = encode_prefix(model, prompt)
         if rows > 1:
             hf.batch_repeat(cache, rows)
         canvas = torch.randint(0, vocab, (rows, width), device=device)

@@ -84,7 +84,7 @@ def logits_worker(model_dir: str, mode: str, prompts: int) -> int:
             if engine is None:
                 continue
             with torch.inference_mode():
-                cache, _, _ = encode_prefix(engine.model, ids, None, None)
+                cache, _ = encode_prefix(engine.model, ids)
                 masks = hf.decoder_masks(engine.model, cache, 1, width, None)
                 out.append(hf.decoder_forward(engine.model, cache, canvas, position_ids, masks).float())
         if rank == 0:

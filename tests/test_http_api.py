@@ -215,6 +215,13 @@ def test_errors_come_in_openai_shape_with_the_right_status(servers):
     with pytest.raises(openai.APIStatusError) as info:
         client.completions.create(model="default", prompt="x" * 70_000, max_tokens=2)
     assert info.value.status_code == 413 and info.value.body["code"] == "body_too_large"
+    # A field name the client wrote with a lone surrogate (JSON "\udfff") is quoted back as an escape:
+    # a 400 in OpenAI's shape, not a 500 from a message that cannot be encoded (found by the fuzz test).
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        body = '{"model": "default", "prompt": "x", "messages": [], "a\\udfffb": 1}'
+        response = httpx.post(plain.url + route, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert "a\\udfffb" in response.json()["error"]["message"]
     # Routes and methods the service does not have.
     assert httpx.get(plain.url + "/v1/completions").status_code == 405
     assert httpx.post(plain.url + "/v1/embeddings", json={}).status_code == 404

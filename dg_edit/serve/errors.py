@@ -40,12 +40,20 @@ class ApiError(Exception):
 
     def __init__(self, status: HTTPStatus, message: str, code: str, *, param: str | None = None,
                  headers: dict[str, str] | None = None):
+        # Messages quote the client's own field names and values, which may hold lone surrogates
+        # ("\udfff" in JSON): those cannot be encoded as UTF-8, so they are written out as escapes.
+        message = _printable(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
-        self.param = param
+        self.param = None if param is None else _printable(param)
         self.headers = headers or {}
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8: characters that cannot be encoded (lone surrogates) become backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def dialect(path: str) -> str:

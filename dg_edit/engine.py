@@ -42,7 +42,8 @@ from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
 from .prefill import Prefiller
-from .prefix_cache import CacheStore, encode_chunk, encode_prefix, kv_bytes_per_token
+from .plan import kv_bytes_per_token
+from .prefix_cache import CacheStore, encode_chunk, encode_prefix
 from .typed_ahead import Answer, rest_after_typing
 from .windows import Window, char_start, document_windows, token_drop
 
@@ -176,7 +177,8 @@ class Engine:
         overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if overrides:
             options = replace_fields(options, **overrides)
-        net, tokenizer, _ = load_model(path, options, prefix_tokens=settings.max_prefix_tokens)
+        net, tokenizer, _ = load_model(path, options, prefix_tokens=settings.max_prefix_tokens,
+                                       cache_bytes=settings.cache_budget_mb << 20)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read
             install_fault(net, tokenizer, fault)

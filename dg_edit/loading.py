@@ -126,7 +126,7 @@ def pretrained_kwargs(options: LoadOptions, *, device: str, dtype: torch.dtype,
     return kwargs
 
 
-def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2048):
+def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2048, cache_bytes: int | None = None):
     """(model, tokenizer, plan) for a checked model directory; refuses a model that cannot fit first."""
     from . import hf_adapter as hf
     from .plan import check_fits, checkpoint_dtype, load_config
@@ -140,7 +140,7 @@ def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2
     if options.check_fit and not options.parallel:  # the plan is for one process holding the whole model
         plan = check_fits(config, name=str(path), dtype=dtype, quantize=options.quantize, device=device,
                           prefix_tokens=prefix_tokens, max_memory=dict(options.max_memory or {}) or None,
-                          device_map=options.device_map)
+                          device_map=options.device_map, cache_bytes=cache_bytes)
     kwargs = pretrained_kwargs(options, device=device, dtype=dtype, path=path)
     try:
         model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), **kwargs)

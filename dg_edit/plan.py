@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from . import quantize as q
+from . import hf_adapter as hf, quantize as q
+from .config import Settings
 
 DEFAULT_ROWS = 4  # candidate rows of one step (the issue's "4 rows x 256 slots")
 MARGIN_FRACTION = 0.05  # of the total: allocator fragmentation
@@ -85,24 +86,20 @@ def element_size(dtype: torch.dtype) -> int:
 def _layer_kv_shapes(config) -> list[tuple[int, int, bool]]:
     """(kv heads, head dim, sliding) for each text layer, as the attention modules build them."""
     text = config.get_text_config(decoder=True)
-    shapes = []
-    per_layer = getattr(text, "per_layer_config", None) or {}
-    for i, layer_type in enumerate(text.layer_types):
-        layer = per_layer.get(i) if isinstance(per_layer, dict) else per_layer[i]
-        heads = getattr(layer, "num_key_value_heads", None) or text.num_key_value_heads
-        head_dim = getattr(layer, "head_dim", None) or text.head_dim
-        shapes.append((heads, head_dim, layer_type == "sliding_attention"))
-    return shapes
+    return [(heads, head_dim, layer_type == "sliding_attention")
+            for (heads, head_dim), layer_type in zip(hf.layer_kv_shapes(text), text.layer_types)]
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
+def kv_bytes_per_token(config, dtype: torch.dtype | int = torch.bfloat16) -> int:
     """Bytes of encoder K and V one prefix token adds, over all layers (before any window applies).
 
-    This is the per-token price of the prefix cache (`PrefixCache` keeps every layer's full states)
-    and, below the sliding window, of the encoder cache itself. 26B-A4B in bf16: 225,280 bytes
-    (25 sliding layers x 2 x 8 heads x 256 + 5 full layers x 2 x 2 heads x 512, two bytes each).
+    This is the per-token price of a document cache (`dg_edit.prefix_cache` keeps every layer's
+    states at every position: a request at any cursor needs the window before *that* cursor) and,
+    below the sliding window, of the encoder cache itself. `config`: a model or text config; `dtype`:
+    the cache's dtype or its size in bytes. 26B-A4B in bf16: 225,280 bytes (25 sliding layers x 2 x 8
+    heads x 256 + 5 full layers x 2 x 2 heads x 512, two bytes each).
     """
-    size = element_size(dtype)
+    size = dtype if isinstance(dtype, int) else element_size(dtype)
     return sum(2 * heads * head_dim * size for heads, head_dim, _ in _layer_kv_shapes(config))
 
 
@@ -220,7 +217,7 @@ class Plan:
     kv_bytes_per_token: int
     kv_bytes_per_1k_tokens: int
     kv_request_bytes: int  # the prefix's encoder cache, once per candidate row
-    kv_session_bytes: int  # the document's prefix cache (full states of every layer)
+    kv_session_bytes: int  # the document caches: up to Settings.cache_budget_mb, all documents together
     step_bytes: int
     margin_bytes: int
     total_bytes: int  # serving: weights, KV caches, one step, margin
@@ -247,7 +244,7 @@ class Plan:
             f"KV cache       {gb(self.kv_bytes_per_1k_tokens)} per 1,000 prefix tokens "
             f"({self.kv_bytes_per_token:,} bytes per token)",
             f"  this request {gb(self.kv_request_bytes)} ({self.prefix_tokens:,}-token prefix x {self.rows} rows) "
-            f"+ {gb(self.kv_session_bytes)} document prefix cache",
+            f"+ {gb(self.kv_session_bytes)} document caches (cache_budget_mb)",
             f"one step       {gb(self.step_bytes)} ({self.slots} slots x {self.rows} rows)",
             f"margin         {gb(self.margin_bytes)}",
             f"total          {gb(self.total_bytes)}",
@@ -269,8 +266,12 @@ class Plan:
 def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "none", device: str = "cuda",
               slots: int | None = None, rows: int = DEFAULT_ROWS, prefix_tokens: int = 2048,
               budget_bytes: int | None = None, budget_source: str = "", model=None,
-              with_options: bool = True) -> Plan:
-    """The plan for one configuration; `budget_bytes` (None = unknown) decides `fits`."""
+              with_options: bool = True, cache_bytes: int | None = None) -> Plan:
+    """The plan for one configuration; `budget_bytes` (None = unknown) decides `fits`.
+
+    `cache_bytes`: what the engine's document caches may hold (`Settings.cache_budget_mb`, the
+    default's when None): every document's encoder states, within that budget (`dg_edit.prefix_cache`).
+    """
     quantize = q.check_choice(quantize)
     slots = int(slots or getattr(config, "canvas_length", None) or 256)
     model = meta_model(config) if model is None else model
@@ -278,7 +279,7 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
     kv_dtype = dtype  # the cache holds activations in the compute dtype, quantized or not
     kv_token = kv_bytes_per_token(config, kv_dtype)
     kv_request = kv_bytes(config, kv_dtype, prefix_tokens) * rows
-    kv_session = kv_bytes(config, kv_dtype, prefix_tokens, windowed=False)
+    kv_session = (Settings().cache_budget_mb << 20) if cache_bytes is None else cache_bytes
     step = step_bytes(config, dtype, slots, rows, prefix_tokens)["total"]
     subtotal = weights.total + kv_request + kv_session + step
     margin = int(subtotal * MARGIN_FRACTION) + (MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
@@ -358,11 +359,11 @@ def device_budget(device: str, max_memory: dict | None = None, device_map: str |
 
 
 def check_fits(config, *, name: str, dtype: torch.dtype, quantize: str, device: str, prefix_tokens: int,
-               max_memory: dict | None = None, device_map: str | None = None) -> Plan:
+               max_memory: dict | None = None, device_map: str | None = None, cache_bytes: int | None = None) -> Plan:
     """The plan for a load; raises `ModelDoesNotFit` (with the figures and the options) when it cannot fit."""
     budget, source = device_budget(device, max_memory, device_map)
     plan = make_plan(config, name=name, dtype=dtype, quantize=quantize, device=device,
-                     prefix_tokens=prefix_tokens, budget_bytes=budget, budget_source=source)
+                     prefix_tokens=prefix_tokens, budget_bytes=budget, budget_source=source, cache_bytes=cache_bytes)
     if plan.host_staging_bytes and plan.host_staging_bytes > host_available():
         raise ModelDoesNotFit(
             f"{name} with --quantize {quantize} on {device} is read into host RAM first "
@@ -402,13 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"candidate rows B (default {DEFAULT_ROWS})")
     parser.add_argument("--prefix-tokens", type=int, default=None,
                         help="prefix tokens in the encoder cache (default: Settings.max_prefix_tokens, 2048)")
+    parser.add_argument("--cache-budget-mb", type=int, default=None,
+                        help="document encoder caches (default: Settings.cache_budget_mb, 1024)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """`dg-edit plan ...`; mistakes raise `UsageError` (exit code 2 from the CLI)."""
-    from .config import Settings
     from .errors import UsageError
     from .loading import resolve_dtype
 
@@ -427,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         prefix = args.prefix_tokens or Settings().max_prefix_tokens
+        if args.cache_budget_mb is not None and args.cache_budget_mb < 0:
+            raise ValueError(f"--cache-budget-mb must be >= 0, got {args.cache_budget_mb}")
+        cache_mb = Settings().cache_budget_mb if args.cache_budget_mb is None else args.cache_budget_mb
         plan = make_plan(config, name=str(args.model), dtype=dtype, quantize=quantize, device=device,
                          slots=args.slots, rows=args.rows, prefix_tokens=prefix, budget_bytes=budget,
-                         budget_source=source)
+                         budget_source=source, cache_bytes=cache_mb << 20)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n" if args.json else plan.text())

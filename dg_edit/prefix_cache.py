@@ -49,18 +49,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return i
 
 
-def kv_bytes_per_token(text_config, dtype: torch.dtype | int) -> int:
-    """Bytes of encoder K/V one token costs in a document cache: every layer keeps every position.
-
-    A plain `DynamicCache` keeps only the last `sliding_window - 1` states on sliding layers; a
-    document cache keeps them all (a request at any cursor needs the window before *that* cursor).
-    `dtype` is the cache's dtype (the model's) or its size in bytes. Computed from the config's
-    per-layer K/V heads and head dims (`hf_adapter.layer_kv_shapes`).
-    """
-    size = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
-    return sum(2 * heads * head_dim * size for heads, head_dim in hf.layer_kv_shapes(text_config))
-
-
 # ---------------------------------------------------------------------------------------------- strips
 @dataclass(eq=False)
 class Strip:

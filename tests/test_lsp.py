@@ -727,7 +727,7 @@ async def inline_record(h: Harness, uri: str) -> dict:
 async def test_a_jump_after_idle_prefill_is_served_warm(warm_lsp, model_dir):
     from transformers import AutoConfig
 
-    from dg_edit.prefix_cache import kv_bytes_per_token
+    from dg_edit.plan import kv_bytes_per_token
 
     text = argparse_head(400)  # ~3,700 tokens: 14 windows of at most 512 tokens, two character windows
     uri = warm_lsp.open(text)

@@ -20,7 +20,7 @@ import dg_edit.config as corpus_module
 from dg_edit.config import Settings
 from dg_edit.engine import Engine
 from dg_edit.events import Done, Step
-from dg_edit.prefix_cache import kv_bytes_per_token
+from dg_edit.plan import kv_bytes_per_token
 from dg_edit.testing import tiny_pair
 from dg_edit.typed_ahead import Answer, rest_after_typing
 from dg_edit.windows import char_start, token_drop

@@ -385,11 +385,13 @@ def test_load_reports_missing_files(tmp_path, tiny_model_dir):
 
 def test_inverse_cdf_draws_follow_the_distribution():
     """The fast draw samples the same categorical as torch.multinomial (checked by frequencies)."""
-    from dg_edit.sampler import sample_denoiser_canvas
+    from dg_edit.step import StepSpec, vocab_pass
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).clamp(min=1e-12))
     batch = logits.expand(1, 20000, 5).contiguous()  # [B, L, V]
-    drawn = sample_denoiser_canvas(batch, torch.Generator().manual_seed(0), draw="inverse_cdf")
+    spec = StepSpec(cfg=SamplingConfig(), vocab_size=5, draw="inverse_cdf", fixed=True, single_line=False)
+    drawn = vocab_pass(batch, torch.zeros((1, 20000), dtype=torch.long), None, spec,
+                       torch.Generator().manual_seed(0)).denoiser_canvas
     freq = torch.bincount(drawn.flatten(), minlength=5).float() / drawn.numel()
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)
     assert int(drawn.max()) <= 3  # a zero-probability token is never drawn

@@ -1,23 +1,26 @@
-"""Sampler functions that the parity tests do not reach: the absorbing-noise (`noise="mask"`) additions."""
+"""Sampler and step functions that the parity tests do not reach: the absorbing-noise (`noise="mask"`) additions."""
 
 from __future__ import annotations
 
 import torch
 
-from dg_edit import sampler
+from dg_edit import sampler, step
+from dg_edit.config import SamplingConfig
 
 MASK = 3
 
 
-def test_denoise_masked_positions_fills_masks_only_and_keeps_visible_tokens_with_zero_entropy():
+def test_the_masked_vocabulary_pass_fills_masks_only_and_keeps_visible_tokens_with_zero_entropy():
     vocab = 10
     logits = torch.randn(1, 4, vocab, generator=torch.Generator().manual_seed(0))  # [B, L, V]
     logits[0, 1, 6] = 50.0  # position 1 is sure of token 6
     current_canvas = torch.tensor([[7, MASK, MASK, MASK]])  # [B, L]
     need = torch.tensor([[False, True, True, False]])  # position 3: masked but clamped or pad
     for draw in ("inverse_cdf", "multinomial"):
-        denoised, argmax, ent, denoiser_logp, argmax_logp = sampler.denoise_masked_positions(
-            logits, current_canvas, need, torch.Generator().manual_seed(1), draw)
+        spec = step.StepSpec(cfg=SamplingConfig(noise="mask", mask_token_id=MASK), vocab_size=vocab, draw=draw,
+                             fixed=True, single_line=False)
+        denoised, argmax, ent, denoiser_logp, argmax_logp = step.vocab_pass(
+            logits.clone(), current_canvas, need, spec, torch.Generator().manual_seed(1))
         logp = logits.log_softmax(-1)
         # outside `need` nothing changes and nothing is computed
         assert denoised[0, [0, 3]].tolist() == [7, MASK] and argmax[0, [0, 3]].tolist() == [7, MASK]

@@ -134,6 +134,11 @@ class Engine:
             pad = tokenizer.pad_token_id
         self.pad_id: int | None = pad
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        positions = getattr(hf.text_config(model), "max_position_embeddings", None) or 1 << 30
+        # Most prefix tokens a request conditions on: `max_prefix_tokens`, within the model's positions (a
+        # canvas must still fit after the prefix); chunks of other files get what a full window leaves.
+        self.window_tokens = max(1, min(self.settings.max_prefix_tokens, positions - self.canvas_length))
+        self._extra_budget = min(self.settings.max_extra_tokens, positions - self.canvas_length - self.window_tokens)
         # Quantized weights (torchao, bitsandbytes tensor subclasses) fail under inference_mode.
         self._inference = torch.no_grad if hf.is_quantized(model) else torch.inference_mode
         self._compiled: step_fn.CompiledStep | None = None  # built on first use (Settings.compile_step)
@@ -241,20 +246,28 @@ class Engine:
 
         Stop iterating (or `close()` the generator) to cancel: no further step runs.
         """
-        request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
-                                          extra=extra)
         if lengths is not None:
             lengths = sorted(set(lengths))
             if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths):
                 raise ValueError(f"lengths must be positive integers, got {lengths!r}")
-            request.lengths = lengths
-            request.max_new_tokens = max(lengths)
+        options = None
         if session is not None and self.settings.typed_ahead:
-            request.options = (seed, max_new_tokens, single_line, tuple(sorted(sampling.items())),
-                               tuple(lengths or ()), hash(tuple(extra)))
-            done = self._typed_ahead(request)
+            # Before tokenizing the prefix window: a typed-ahead answer needs none of that work. Options equal
+            # to the previous (checked) request's are valid; the texts are checked here.
+            _check_text("prefix", prefix)
+            _check_text("suffix", suffix)
+            _check_extra(extra)
+            options = (seed, max_new_tokens, single_line, tuple(sorted(sampling.items())),
+                       tuple(lengths or ()), hash(tuple(extra)))
+            done = self._typed_ahead(session, prefix, suffix, options)
             if done is not None:
                 return iter([done])
+        request = self._request_from_text(prefix, suffix, max_new_tokens, seed, session, single_line, sampling,
+                                          extra=extra)
+        request.options = options
+        if lengths is not None:
+            request.lengths = lengths
+            request.max_new_tokens = max(lengths)
         return self._guarded(request, with_steps=_with_steps)
 
     def rewrite(self, prefix: str, selection: str, suffix: str, *, instruction: str | None = None,
@@ -351,13 +364,6 @@ class Engine:
         """Held for every model call (a denoising step, an encoder chunk)."""
         return self._lock
 
-    @property
-    def window_tokens(self) -> int:
-        """Most prefix tokens a request conditions on: `max_prefix_tokens`, within the model's positions
-        (a canvas must still fit after the prefix)."""
-        positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
-        return max(1, min(self.settings.max_prefix_tokens, positions - self.canvas_length))
-
     def document_windows(self, text: str, near: int | None = None, extra: Sequence[str] = ()) -> Iterator[Window]:
         """Every prefix window a cursor in `text` uses (what idle prefill encodes), nearest `near` first;
         with `extra`, as a request carrying those chunks of other files sees it."""
@@ -410,11 +416,7 @@ class Engine:
                            instruction: str | None = None, extra: Sequence[str] = ()) -> _Request:
         _check_text("prefix", prefix)
         _check_text("suffix", suffix)
-        if isinstance(extra, str) or not all(isinstance(chunk, str) for chunk in extra):
-            raise ValueError("extra must be a list of texts (chunks of other files), not "
-                             f"{type(extra).__name__ if isinstance(extra, str) else 'a list with non-text items'}")
-        for i, chunk in enumerate(extra):
-            _check_text(f"extra[{i}]", chunk)
+        _check_extra(extra)
         if not prefix and not suffix and not instruction and not any(extra):
             raise ValueError("prefix and suffix are both empty: nothing to condition the infill on")
         if single_line is not None and not isinstance(single_line, bool):
@@ -446,9 +448,7 @@ class Engine:
         ring and llama.cpp's choice), kept in their order, so that an unchanged list of chunks always
         gives the same ids and stays in the prefix cache.
         """
-        # Within the model's positions: a full prefix window and a canvas still fit after the chunks.
-        positions = getattr(hf.text_config(self.model), "max_position_embeddings", None) or 1 << 30
-        budget = min(self.settings.max_extra_tokens, positions - self.canvas_length - self.window_tokens)
+        budget = self._extra_budget
         if not extra or budget <= 0:
             return []
         tok = self._need_tokenizer()
@@ -514,16 +514,15 @@ class Engine:
         return comment
 
     # ------------------------------------------------------------------ typed-ahead
-    def _typed_ahead(self, request: _Request) -> Done | None:
+    def _typed_ahead(self, session: str, prefix: str, suffix: str, options: tuple) -> Done | None:
         """The rest of this session's previous answer when the user has typed its beginning, else None."""
         t0 = time.perf_counter()
-        key = (request.session, request.options[0])
+        key = (session, options[0])
         with self._answers_lock:
-            rest = rest_after_typing(self._answers.get(key), request.prefix_text, request.suffix_text,
-                                     request.options)
+            rest = rest_after_typing(self._answers.get(key), prefix, suffix, options)
             if rest is None:
                 return None
-            self._answers[key] = Answer(request.prefix_text, request.suffix_text, rest, request.options)
+            self._answers[key] = Answer(prefix, suffix, rest, options)
             self._answers.move_to_end(key)
         self._prefill.touch()
         self.last_encoded, self.last_prefix_len = 0, 0
@@ -882,6 +881,14 @@ def _check_text(name: str, value: Any) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{name} is not valid UTF-8 text ({e.reason} at position {e.start})") from None
+
+
+def _check_extra(extra: Any) -> None:
+    if isinstance(extra, str) or not all(isinstance(chunk, str) for chunk in extra):
+        raise ValueError("extra must be a list of texts (chunks of other files), not "
+                         f"{type(extra).__name__ if isinstance(extra, str) else 'a list with non-text items'}")
+    for i, chunk in enumerate(extra):
+        _check_text(f"extra[{i}]", chunk)
 
 
 def _last(events: Iterator[Step | Done]) -> Done:

@@ -66,11 +66,12 @@ def logits_worker(model_dir: str, mode: str, prompts: int) -> int:
 
     from dg_edit import hf_adapter as hf
     from dg_edit.engine import Engine
+    from dg_edit.loading import LoadOptions
     from dg_edit.prefix_cache import encode_prefix
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    sharded = Engine.load(model_dir, parallel=(mode, world))
+    sharded = Engine.load(model_dir, options=LoadOptions(parallel=(mode, world)))
     plain = Engine.load(model_dir) if rank == 0 else None
     worst = 0.0
     flips = 0

@@ -92,16 +92,16 @@ def load_engine(args: argparse.Namespace):
     Under --parallel (torchrun) every rank loads its shard here and only rank 0 returns, with an engine
     that runs each call on every rank (`dg_edit.distributed`).
     """
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if getattr(args, "parallel", None):
         from .distributed import load_engine as load_parallel_engine
 
         return load_parallel_engine(args)
-    import torch
-
     from .engine import Engine
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     options = load_options(args)
     try:

@@ -592,8 +592,6 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
     from .cli import load_options, settings_from_args
     from .engine import Engine, check_model_dir, default_model_dir
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:  # --device, --device-map and --quantize do not combine with --parallel (LoadOptions says why)
         options = dataclasses.replace(load_options(args), parallel=(args.parallel, int(os.environ["WORLD_SIZE"])))
     except ValueError as e:

@@ -182,7 +182,7 @@ class Engine:
         overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if overrides:
             options = replace_fields(options, **overrides)
-        net, tokenizer, _ = load_model(path, options, prefix_tokens=settings.max_prefix_tokens,
+        net, tokenizer = load_model(path, options, prefix_tokens=settings.max_prefix_tokens,
                                        cache_bytes=settings.cache_budget_mb << 20)
         fault = os.environ.get(FAULT_ENV)
         if fault:  # test-only (dg_edit/faults.py): the one place the fault switch is read

@@ -36,7 +36,6 @@ class LoadOptions:
     quantize: str = "none"
     device_map: str | None = None  # None: the whole model on `device`; "auto": accelerate spreads it
     max_memory: Mapping[Any, str] | None = None  # accelerate's budget per device, e.g. {0: "20GiB", "cpu": "64GiB"}
-    check_fit: bool = True  # refuse, before loading, a model the memory plan says cannot fit
     # (mode, world size) under torchrun (dg_edit.distributed): this rank loads its tp/ep shard, placed by
     # transformers on cuda:LOCAL_RANK or the CPU
     parallel: tuple[str, int] | None = None
@@ -127,7 +126,7 @@ def pretrained_kwargs(options: LoadOptions, *, device: str, dtype: torch.dtype,
 
 
 def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2048, cache_bytes: int | None = None):
-    """(model, tokenizer, plan) for a checked model directory; refuses a model that cannot fit first."""
+    """(model, tokenizer) for a checked model directory; refuses a model that cannot fit first."""
     from . import hf_adapter as hf
     from .plan import check_fits, checkpoint_dtype, load_config
 
@@ -136,11 +135,10 @@ def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2
     q.check_available(options.quantize)  # a missing library: one line naming the pip command
     config = load_config(path)
     dtype = resolve_dtype(options.dtype, device, checkpoint_dtype(config))
-    plan = None
-    if options.check_fit and not options.parallel:  # the plan is for one process holding the whole model
-        plan = check_fits(config, name=str(path), dtype=dtype, quantize=options.quantize, device=device,
-                          prefix_tokens=prefix_tokens, max_memory=dict(options.max_memory or {}) or None,
-                          device_map=options.device_map, cache_bytes=cache_bytes)
+    if not options.parallel:  # the plan is for one process holding the whole model
+        check_fits(config, name=str(path), dtype=dtype, quantize=options.quantize, device=device,
+                   prefix_tokens=prefix_tokens, max_memory=dict(options.max_memory or {}) or None,
+                   device_map=options.device_map, cache_bytes=cache_bytes)
     kwargs = pretrained_kwargs(options, device=device, dtype=dtype, path=path)
     try:
         model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), **kwargs)
@@ -149,4 +147,4 @@ def load_model(path: str | Path, options: LoadOptions, *, prefix_tokens: int = 2
         raise ValueError(f"cannot load model from {path}: {e}") from None
     q.after_load(options.quantize, model, device)
     model.eval()
-    return model, tokenizer, plan
+    return model, tokenizer

@@ -51,8 +51,6 @@ class ModelDoesNotFit(ValueError):
 # ------------------------------------------------------------------ config
 def load_config(source: str | Path):
     """A DiffusionGemma config from a model directory or a config.json path (nothing else is read)."""
-    from . import hf_adapter as hf
-
     path = Path(source).expanduser()
     directory = path if path.is_dir() else path.parent
     if path.is_dir() and not (path / "config.json").is_file():
@@ -131,8 +129,6 @@ class WeightBytes:
 
 def meta_model(config):
     """The model built on the meta device: shapes and tying only, no memory."""
-    from . import hf_adapter as hf
-
     with torch.device("meta"):
         return hf.api().DiffusionGemmaForBlockDiffusion(config)
 
@@ -282,10 +278,9 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
     kv_session = (Settings().cache_budget_mb << 20) if cache_bytes is None else cache_bytes
     step = step_bytes(config, dtype, slots, rows, prefix_tokens)["total"]
     subtotal = weights.total + kv_request + kv_session + step
-    margin = int(subtotal * MARGIN_FRACTION) + (MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
+    margin = _margin(subtotal, device)
     total = subtotal + margin
-    load_peak = weights.load_peak + int(weights.load_peak * MARGIN_FRACTION) + (
-        MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
+    load_peak = weights.load_peak + _margin(weights.load_peak, device)
     fits = None if budget_bytes is None else max(total, load_peak) <= budget_bytes
     plan = Plan(model=name, dtype=str(dtype).replace("torch.", ""), quantize=quantize, device=device, slots=slots,
                 rows=rows, prefix_tokens=prefix_tokens, parameters=weights.parameters,
@@ -301,6 +296,11 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
     return plan
 
 
+def _margin(nbytes: int, device: str) -> int:
+    """What to keep free beyond `nbytes`: allocator fragmentation, and on CUDA the context and kernels."""
+    return int(nbytes * MARGIN_FRACTION) + (MARGIN_FIXED_CUDA if device.startswith("cuda") else 0)
+
+
 def _options_that_fit(config, plan: Plan, model) -> list[str]:
     """Cheaper ways to run the same model on the same budget: another quantization and/or bf16, or offload."""
     options = []
@@ -312,7 +312,7 @@ def _options_that_fit(config, plan: Plan, model) -> list[str]:
                 continue
             other = make_plan(config, dtype=other_dtype, quantize=method, device=plan.device, slots=plan.slots,
                               rows=plan.rows, prefix_tokens=plan.prefix_tokens, budget_bytes=plan.budget_bytes,
-                              model=model, with_options=False)
+                              model=model, with_options=False, cache_bytes=plan.kv_session_bytes)
             if other.fits:
                 flags = " ".join(f for f in (dtype_flag, f"--quantize {method}" if method != plan.quantize else "")
                                  if f)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import hf_adapter as hf
+
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
 # Kept in the load dtype by every method: the tied embedding/LM head (logit precision), the router
 # (tiny, and its top-8 choice is sensitive), and the vision tower (never run by dg-edit). Matched as
@@ -132,7 +134,7 @@ def quantization_config(name: str, dtype: torch.dtype):
     method = check_available(name)
     if method is None:
         return None
-    transformers = _transformers()
+    transformers = hf.api()
     if name == "nf4":
         # On a CPU, bitsandbytes warns on first use that an optional faster kernel (a download from a
         # model hub, which dg-edit never reaches) is missing; its own kernel runs instead.
@@ -159,8 +161,6 @@ def after_load(name: str, model, device: str) -> None:
     if name not in QUANTIZED_AFTER_LOAD:
         return
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
-
-    from . import hf_adapter as hf
 
     target = torch.device(device)
     for _, decoder_layer in hf.paired_text_layers(model):
@@ -189,8 +189,6 @@ def quantize_in_place(name: str, model) -> None:
     method = check_available(name)
     if method is None:
         return
-    from . import hf_adapter as hf
-
     decoder = hf.decoder_module(model)
     if name == "nf4":
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
@@ -221,8 +219,6 @@ def quantize_in_place(name: str, model) -> None:
 def share_layers(model, experts_only: bool) -> None:
     """Give each encoder layer its decoder layer's (quantized) experts and, unless `experts_only`,
     nn.Linear modules: the two share every weight (tied), and must keep sharing one quantized copy."""
-    from . import hf_adapter as hf
-
     for encoder_layer, decoder_layer in hf.paired_text_layers(model):
         if encoder_layer is None:
             continue
@@ -230,15 +226,6 @@ def share_layers(model, experts_only: bool) -> None:
             if module_name == "experts" or (not experts_only and isinstance(module, torch.nn.Linear)
                                             and not is_skipped(module_name)):
                 encoder_layer.set_submodule(module_name, module)
-
-
-def inference_context(name: str):
-    """The autograd context a model quantized with `name` runs under.
-
-    torchao's and bitsandbytes' tensor subclasses fail under `torch.inference_mode` ("Cannot set
-    version_counter for inference tensor"), so quantized models run under `no_grad`.
-    """
-    return torch.inference_mode if name == "none" else torch.no_grad
 
 
 def storage_bytes(model) -> tuple[int, int]:
@@ -273,12 +260,6 @@ def _tensor_bytes(t) -> int:
     state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: its absmax lives here
     extra = int(state.absmax.numel() * state.absmax.element_size()) if state is not None else 0
     return data.numel() * data.element_size() + extra
-
-
-def _transformers():
-    from . import hf_adapter as hf
-
-    return hf.api()
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from dg_edit.distributed import add_parallel_arguments, parallel_requested, run_launched
 from dg_edit.errors import UsageError
+from dg_edit.startup import add_model_arguments, check_install, load_engine
 
 # subcommand -> (module, help); each module has `main(argv) -> int`
 FRONT_ENDS = {
@@ -23,91 +24,7 @@ FRONT_ENDS = {
     "serve": ("dg_edit.serve.app", "websocket service streaming the canvas to web editors"),
     "tui": ("dg_edit.tui.app", "terminal editor that animates a live rewrite"),
     "eval": ("dg_edit.model.eval", "evaluate a model (humaneval-infilling, exact)"),
-    "plan": ("dg_edit.plan", "memory plan: weights, KV cache and step memory of a model, and whether it fits"),
 }
-
-
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments shared by every command that loads a model (see dg_edit/loading.py)."""
-    parser.add_argument("--model", metavar="DIR", default=None,
-                        help="local DiffusionGemma directory (default: the embedded model)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (default: the checkpoint's dtype on a GPU, float32 on a CPU), float32, bfloat16 "
-                             "or float16")
-    parser.add_argument("--quantize", default="none", metavar="{none,int8,nf4,fp8}",
-                        help="quantize the weights while loading (int8/fp8: torchao, nf4: bitsandbytes; "
-                             "pip install 'dg-edit[quant]'); the MoE experts included")
-    parser.add_argument("--device-map", default=None, choices=["auto"],
-                        help="auto: split the layers over every GPU and offload the rest to CPU RAM (accelerate)")
-    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", default=None,
-                        help="with --device-map auto: the budget per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-    parser.add_argument("--compile", action="store_true", default=None,
-                        help="run each step's tensor work through torch.compile (Settings.compile_step)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--config", metavar="FILE", default=None, help="JSON settings file (see dg_edit.config)")
-
-
-def settings_from_args(args: argparse.Namespace):
-    """The `Settings` for a command: defaults, then --config FILE, then --model and --compile.
-
-    A missing or invalid settings file is the user's mistake: `UsageError`.
-    """
-    from .config import Settings
-
-    try:
-        settings = Settings.from_file(args.config) if getattr(args, "config", None) else Settings()
-        overrides = {}
-        if getattr(args, "model", None):
-            overrides["model"] = args.model
-        if getattr(args, "compile", None):
-            overrides["compile_step"] = True
-        if overrides:
-            settings = Settings.from_dict(overrides, base=settings)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    return settings
-
-
-def load_options(args: argparse.Namespace):
-    """The `LoadOptions` the shared model arguments ask for; a bad value is a `UsageError`."""
-    from .loading import LoadOptions, parse_max_memory
-    from .quantize import check_choice
-
-    try:
-        return LoadOptions(device=getattr(args, "device", None), dtype=getattr(args, "dtype", None) or "auto",
-                           quantize=check_choice(getattr(args, "quantize", None)),
-                           device_map=getattr(args, "device_map", None),
-                           max_memory=parse_max_memory(getattr(args, "max_memory", None)))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def load_engine(args: argparse.Namespace):
-    """Load the engine a command asked for; missing files, bad settings and a model that cannot fit
-    (the memory plan's figures, before a byte is read) become `UsageError`s.
-
-    Under --parallel (torchrun) every rank loads its shard here and only rank 0 returns, with an engine
-    that runs each call on every rank (`dg_edit.distributed`).
-    """
-    import torch
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if getattr(args, "parallel", None):
-        from .distributed import load_engine as load_parallel_engine
-
-        return load_parallel_engine(args)
-    from .engine import Engine
-
-    settings = settings_from_args(args)
-    options = load_options(args)
-    try:
-        return Engine.load(settings.model or None, settings=settings, options=options)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
 
 
 def _parse_at(value: str) -> tuple[int, int]:
@@ -241,6 +158,63 @@ def cmd_info(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from .plan import DEFAULT_ROWS
+    from .quantize import QUANTIZE_CHOICES
+
+    parser.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", help="model directory or its config.json")
+    parser.add_argument("--quantize", default="none", help=f"one of {', '.join(QUANTIZE_CHOICES)} (default none)")
+    parser.add_argument("--dtype", default="auto",
+                        help="load dtype (default auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                        help="plan for a GPU with this much memory, e.g. 80GB or 24GiB (default: the free memory "
+                             "of this machine's GPU, or its available RAM when it has none)")
+    parser.add_argument("--device", default=None, help="plan for this device (default: cuda with --gpu-memory or a "
+                                                       "GPU present, else cpu)")
+    parser.add_argument("--slots", type=int, default=None, help="canvas slots L (default: the config's canvas_length)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"candidate rows B (default {DEFAULT_ROWS})")
+    parser.add_argument("--prefix-tokens", type=int, default=None,
+                        help="prefix tokens in the encoder cache (default: Settings.max_prefix_tokens, 2048)")
+    parser.add_argument("--cache-budget-mb", type=int, default=None,
+                        help="document encoder caches (default: Settings.cache_budget_mb, 1024)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_plan(args: argparse.Namespace, stdout: TextIO) -> int:
+    """`dg-edit plan ...`: the memory plan (dg_edit.plan) of a model, from its config alone."""
+    import torch
+
+    from .config import Settings
+    from .loading import resolve_dtype
+    from .plan import checkpoint_dtype, device_budget, load_config, make_plan, parse_size
+    from .quantize import check_choice
+
+    try:
+        config = load_config(args.model)
+        device = args.device or ("cuda" if args.gpu_memory or torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(config))
+        quantize = check_choice(args.quantize)
+        if args.gpu_memory:
+            budget, source = parse_size(args.gpu_memory), "--gpu-memory"
+        else:
+            budget, source = device_budget(device)
+        for name in ("slots", "rows", "prefix_tokens"):
+            value = getattr(args, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        prefix = args.prefix_tokens or Settings().max_prefix_tokens
+        if args.cache_budget_mb is not None and args.cache_budget_mb < 0:
+            raise ValueError(f"--cache-budget-mb must be >= 0, got {args.cache_budget_mb}")
+        cache_mb = Settings().cache_budget_mb if args.cache_budget_mb is None else args.cache_budget_mb
+        plan = make_plan(config, name=str(args.model), dtype=dtype, quantize=quantize, device=device,
+                         slots=args.slots, rows=args.rows, prefix_tokens=prefix, budget_bytes=budget,
+                         budget_source=source, cache_bytes=cache_mb << 20)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n" if args.json else plan.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dg-edit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -256,19 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model, parameters, device, dtype, canvas length")
     p.add_argument("--json", action="store_true")
     add_model_arguments(p)
+    p = sub.add_parser("plan", help="memory plan: weights, KV cache and step memory of a model, and whether it fits",
+                       description="Memory plan: will this DiffusionGemma fit, before a byte of its weights is read?")
+    add_plan_arguments(p)
     for name, (_, help_text) in FRONT_ENDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
-
-
-def check_install() -> None:
-    """Refuse, in one line, to run a model command on a transformers release outside the tested range."""
-    from .hf_adapter import check_transformers
-
-    try:
-        check_transformers()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,12 +262,14 @@ def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("infill", "info"):
+        if args.command in ("infill", "info", "plan"):
             check_install()
         if args.command == "infill":
             return cmd_infill(args, sys.stdin, sys.stdout)
         if args.command == "info":
             return cmd_info(args, sys.stdout)
+        if args.command == "plan":
+            return cmd_plan(args, sys.stdout)
         parser.print_help()
         return 2
     except UsageError as e:

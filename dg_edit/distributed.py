@@ -505,7 +505,7 @@ def _hard_exit(code: int) -> None:
 
 
 def run_launched(run: Callable[[], int]) -> int:
-    """Run a command under --parallel (called by `dg_edit.cli.main`); returns the exit code.
+    """Run a command under --parallel (called by the CLI's `main`); returns the exit code.
 
     On rank 0, SIGTERM is held before anything else (a thread started later inherits the mask), so the
     launch's watcher thread, not the default action, decides what it means.
@@ -589,7 +589,7 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
     import torch.distributed as dist
 
     from . import hf_adapter as hf
-    from .cli import load_options, settings_from_args
+    from .startup import load_options, settings_from_args
     from .engine import Engine, check_model_dir, default_model_dir
 
     try:  # --device, --device-map and --quantize do not combine with --parallel (LoadOptions says why)

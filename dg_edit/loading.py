@@ -29,7 +29,7 @@ DEVICE_MAPS = (None, "auto")
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load a model; the CLI's shared model arguments fill it (`dg_edit.cli.load_options`)."""
+    """How to load a model; the CLI's shared model arguments fill it (`dg_edit.startup.load_options`)."""
 
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | torch.dtype | None = "auto"

@@ -19,11 +19,8 @@ model that cannot fit with the same figures and the options that would.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,63 +382,3 @@ def check_fits(config, *, name: str, dtype: torch.dtype, quantize: str, device: 
 
 def _gb(n: int | float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-# ------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dg-edit plan", description=__doc__.splitlines()[0])
-    parser.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", help="model directory or its config.json")
-    parser.add_argument("--quantize", default="none", help=f"one of {', '.join(q.QUANTIZE_CHOICES)} (default none)")
-    parser.add_argument("--dtype", default="auto",
-                        help="load dtype (default auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
-    parser.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                        help="plan for a GPU with this much memory, e.g. 80GB or 24GiB (default: the free memory "
-                             "of this machine's GPU, or its available RAM when it has none)")
-    parser.add_argument("--device", default=None, help="plan for this device (default: cuda with --gpu-memory or a "
-                                                       "GPU present, else cpu)")
-    parser.add_argument("--slots", type=int, default=None, help="canvas slots L (default: the config's canvas_length)")
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help=f"candidate rows B (default {DEFAULT_ROWS})")
-    parser.add_argument("--prefix-tokens", type=int, default=None,
-                        help="prefix tokens in the encoder cache (default: Settings.max_prefix_tokens, 2048)")
-    parser.add_argument("--cache-budget-mb", type=int, default=None,
-                        help="document encoder caches (default: Settings.cache_budget_mb, 1024)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dg-edit plan ...`; mistakes raise `UsageError` (exit code 2 from the CLI)."""
-    from .errors import UsageError
-    from .loading import resolve_dtype
-
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.model)
-        device = args.device or ("cuda" if args.gpu_memory or torch.cuda.is_available() else "cpu")
-        dtype = resolve_dtype(args.dtype, device, checkpoint_dtype(config))
-        quantize = q.check_choice(args.quantize)
-        if args.gpu_memory:
-            budget, source = parse_size(args.gpu_memory), "--gpu-memory"
-        else:
-            budget, source = device_budget(device)
-        for name in ("slots", "rows", "prefix_tokens"):
-            value = getattr(args, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        prefix = args.prefix_tokens or Settings().max_prefix_tokens
-        if args.cache_budget_mb is not None and args.cache_budget_mb < 0:
-            raise ValueError(f"--cache-budget-mb must be >= 0, got {args.cache_budget_mb}")
-        cache_mb = Settings().cache_budget_mb if args.cache_budget_mb is None else args.cache_budget_mb
-        plan = make_plan(config, name=str(args.model), dtype=dtype, quantize=quantize, device=device,
-                         slots=args.slots, rows=args.rows, prefix_tokens=prefix, budget_bytes=budget,
-                         budget_source=source, cache_bytes=cache_mb << 20)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n" if args.json else plan.text())
-    return 0
-
-
-if __name__ == "__main__":
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["plan", *sys.argv[1:]]))

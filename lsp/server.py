@@ -104,7 +104,8 @@ from pathlib import Path
 
 from pygls.exceptions import JsonRpcException
 
-from dg_edit.cli import UsageError, add_model_arguments, load_engine, load_options, settings_from_args
+from dg_edit.errors import UsageError
+from dg_edit.startup import add_model_arguments, load_engine, load_options, settings_from_args
 from dg_edit.distributed import add_parallel_arguments
 from dg_edit.config import Settings
 

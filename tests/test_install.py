@@ -122,3 +122,61 @@ def test_only_the_adapter_touches_transformers_internals():
                 if INTERNALS.search(code):
                     offenders.append(f"{path.relative_to(ROOT)}:{no}: {code}")
     assert not offenders, "use dg_edit.hf_adapter instead:\n" + "\n".join(offenders)
+
+
+# The core never imports the CLI: `dg_edit.cli` only dispatches; start-up code the front ends and
+# `dg_edit.distributed` share lives in `dg_edit.startup`. Front ends may hand their `__main__` to the
+# CLI's dispatch (`python -m dg_edit.serve`), nothing more.
+CORE = ROOT / "dg_edit"
+FRONT_END_FOLDERS = (ROOT / "dg_edit" / "serve", ROOT / "lsp", ROOT / "tui", ROOT / "model")
+
+
+def cli_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, under a `__main__` guard) of each import of `dg_edit.cli` in `path`, relative ones included."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = path.parent.relative_to(ROOT).parts
+    package = ("dg_edit", *package[1:]) if package[0] == "dg_edit" else ("dg_edit", *package)
+    found: list[tuple[int, bool]] = []
+
+    def is_main_guard(node: ast.AST) -> bool:
+        return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+
+    def visit(node: ast.AST, guarded: bool) -> None:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        if any(name == "dg_edit.cli" or name.startswith("dg_edit.cli.") for name in names):
+            found.append((node.lineno, guarded))
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded or is_main_guard(node))
+
+    visit(tree, False)
+    return found
+
+
+def test_the_cli_import_scan_sees_relative_and_guarded_imports(tmp_path):
+    folder = ROOT / "dg_edit" / "serve"
+    sample = folder / "app.py"  # the scan only reads the file; the package path comes from its folder
+    assert cli_imports(sample) == [(next(no for no, line in enumerate(sample.read_text().splitlines(), 1)
+                                         if "from ..cli import main" in line), True)]
+    assert cli_imports(ROOT / "dg_edit" / "cli.py") == []
+    assert cli_imports(ROOT / "tests" / "test_cli.py")[0][1] is False  # `from dg_edit.cli import split_at`
+
+
+def test_the_core_never_imports_the_cli():
+    offenders = []
+    for path in sorted(CORE.glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        offenders += [f"{path.relative_to(ROOT)}:{no}" for no, _ in cli_imports(path)]
+    for folder in FRONT_END_FOLDERS:
+        for path in sorted(folder.rglob("*.py")):
+            offenders += [f"{path.relative_to(ROOT)}:{no}" for no, guarded in cli_imports(path)
+                          if not guarded and path.name != "__main__.py"]
+    assert not offenders, "start-up code belongs in dg_edit.startup, not dg_edit.cli:\n" + "\n".join(offenders)

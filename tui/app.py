@@ -520,7 +520,7 @@ KEYS_HELP = """keys:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dg_edit.cli import add_model_arguments
+    from dg_edit.startup import add_model_arguments
 
     parser = argparse.ArgumentParser(
         prog="dg-edit tui", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -541,14 +541,14 @@ def engine_loader(args: argparse.Namespace) -> Callable[[], Any]:
     if args.connect:
         import os
 
-        from dg_edit.cli import settings_from_args
+        from dg_edit.startup import settings_from_args
         from dg_edit.config import TOKEN_ENV
 
         from .remote import RemoteEngine
 
         token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
         return lambda: RemoteEngine(args.connect, token, settings=settings_from_args(args)).connect()
-    from dg_edit.cli import load_engine
+    from dg_edit.startup import load_engine
 
     return lambda: load_engine(args)
 

@@ -196,7 +196,7 @@ class Service:
 
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_model_arguments
+    from ..startup import add_model_arguments
     from ..distributed import add_parallel_arguments
 
     parser = argparse.ArgumentParser(
@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`dg-edit serve ...`; raises `dg_edit.cli.UsageError` for mistakes (exit code 2 from the CLI)."""
-    from ..cli import UsageError, load_engine, settings_from_args
+    """`dg-edit serve ...`; raises `dg_edit.errors.UsageError` for mistakes (exit code 2 from the CLI)."""
+    from ..errors import UsageError
+    from ..startup import load_engine, settings_from_args
 
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)  # a bad --config FILE is a UsageError already

@@ -150,6 +150,9 @@ class Engine:
         self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
+        # Told about every denoising step and admission (`on_step`, `on_admit`): `dg-edit serve` sets its
+        # metrics here (dg_edit.serve.metrics). None: nobody is listening.
+        self.observer = None
         self.last_prefix_len = 0
 
     # ------------------------------------------------------------------ loading
@@ -689,6 +692,7 @@ class Engine:
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
             forwards += 1
+            step_started = time.perf_counter()
             with self._lock, self._inference():
                 # 1.c.i Decoder forward with self-conditioning.
                 processed_logits = hf.decoder_forward(  # [B, L, V]
@@ -727,6 +731,8 @@ class Engine:
                 nonfinite, any_finished, all_finished = out.flags.tolist()
                 if nonfinite:
                     raise sampler.NonFiniteLogits()
+            if self.observer is not None:  # after the host sync: the step's time is the device's too
+                self.observer.on_step(rows=b, requests=1, seconds=time.perf_counter() - step_started, queue_depth=0)
             if with_steps:
                 step_no = step_offset + forwards
                 yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,

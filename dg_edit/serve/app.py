@@ -8,7 +8,7 @@ Editor plug-ins built for local models (llama.vim, Continue, minuet-ai.nvim, ...
 `/infill`, `/v1/completions` and `/v1/chat/completions` (`http_api.py`, `openai_api.py`,
 `llama_api.py`). Who may connect is decided in `gate.py`, in front of every route; `transport.py`
 puts HTTP and websockets on one port (uvicorn, with the `websockets` library's protocol for `/ws`);
-every route reaches the engine through `runner.py`.
+every route reaches the engine through `runner.py`; `metrics.py` counts what they do (`GET /metrics`).
 
 `Service` holds what every connection shares: the engine (None while it loads: the routes answer
 503 meanwhile), the model worker threads, the limits.
@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from ..config import TOKEN_ENV, Settings
 from .errors import render_refusal
 from .gate import WS_PATH, Gate, GateMiddleware, check_origin_value, deny_websocket, is_loopback, url_host
 from .http_api import HttpApi
+from .metrics import Metrics
 from .page import Page
 from .transport import listen, make_server
 from .ws import Client
@@ -77,6 +79,9 @@ class Service:
         self.started_at = time.time()
         self.model_info: dict[str, Any] = {}
         self.model_id = ""
+        # Which replica answered (X-DG-Edit-Replica, /healthz): replicas behind a load balancer differ here.
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = Metrics(cache_info=self._cache_info, inflight=self.inflight)
         self.page = Page()
         self.http = HttpApi(self)
         self.allowed_origins = frozenset(check_origin_value(o) for o in allowed_origins)
@@ -95,16 +100,19 @@ class Service:
         info = engine.info()
         self.model_info = {k: info.get(k) for k in ("model", "device", "dtype", "parameters", "canvas_length")}
         self.model_id = Path(str(info.get("model") or "dg-edit")).name  # the directory name, e.g. "default"
+        engine.observer = self.metrics  # every denoising step and admission is counted (dg_edit.serve.metrics)
         self.engine = engine
 
     def _build_app(self) -> Starlette:
         routes = [
             WebSocketRoute(WS_PATH, self._websocket),
             Route("/healthz", self._healthz),
+            Route("/metrics", self._metrics, methods=["GET"]),
             *self.http.routes(),
             Route("/{path:path}", self.page.respond),
         ]
-        middleware = [Middleware(GateMiddleware, gate=self.gate, render=render_refusal)]
+        middleware = [Middleware(ReplicaHeader, replica=self.replica),
+                      Middleware(GateMiddleware, gate=self.gate, render=render_refusal)]
         if self.allowed_origins:  # pages of these origins may also call the HTTP APIs from a browser
             middleware.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(self.allowed_origins),
                                             allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
@@ -116,6 +124,7 @@ class Service:
         return {
             "status": "ok" if self.engine is not None else "loading",
             "version": __version__,
+            "replica": self.replica,
             **self.model_info,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "connections": len(self.clients),
@@ -127,8 +136,11 @@ class Service:
 
     def _cache(self) -> dict[str, Any] | None:
         """The engine's encoder caches and idle prefill, with a count instead of the documents' names."""
-        info = self.engine.cache_info() if self.engine is not None and hasattr(self.engine, "cache_info") else None
+        info = self._cache_info()
         return None if info is None else {**info, "documents": len(info["documents"])}
+
+    def _cache_info(self) -> dict[str, Any] | None:
+        return self.engine.cache_info() if self.engine is not None and hasattr(self.engine, "cache_info") else None
 
     def inflight(self) -> int:
         """Engine streams running now, on every connection and route."""
@@ -144,6 +156,10 @@ class Service:
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse(self.health(), 200 if self.engine is not None else 503)
+
+    async def _metrics(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, 200, media_type=content_type)
 
     async def _websocket(self, websocket: WebSocket) -> None:
         if self.engine is None:
@@ -192,6 +208,27 @@ class Service:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP answer names the replica that gave it (`X-DG-Edit-Replica: host:pid`),
+    so that behind a load balancer a client, a log or a test can tell which one served a document."""
+
+    def __init__(self, app, replica: str):
+        self.app = app
+        self.header = (b"x-dg-edit-replica", replica.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 # ---------------------------------------------------------------------------------------------- command line

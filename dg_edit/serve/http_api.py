@@ -43,6 +43,7 @@ from starlette.routing import Route
 
 from ..events import Done, Step
 from .errors import ApiError, dialect, error_body, error_response
+from .metrics import RequestMetrics
 from .runner import Job, run_job
 
 if TYPE_CHECKING:
@@ -265,6 +266,7 @@ class HttpApi:
     # ------------------------------------------------------------------ POST routes
     def _post(self, parse: Callable[..., Call], api: str) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
+            track = self.service.metrics.request(request.url.path)
             try:
                 self._ready()
                 body = await self._body(request)
@@ -272,10 +274,12 @@ class HttpApi:
                 call = parse(body, self.service, client)
                 self._admit(client, len(call.jobs))
             except ApiError as e:
+                track.error(e.code)
                 return error_response(e, api)
             except ClientDisconnect:
+                track.cancelled()
                 return Response(status_code=499)  # nobody reads it
-            return await self._answer(request, call, client)
+            return await self._answer(request, call, client, track)
 
         return endpoint
 
@@ -318,7 +322,7 @@ class HttpApi:
             del self.running[client]
 
     # ------------------------------------------------------------------ running a call
-    async def _answer(self, request: Request, call: Call, client: str) -> Response:
+    async def _answer(self, request: Request, call: Call, client: str, track: RequestMetrics) -> Response:
         run = _Run(self.service, call)
         watcher = asyncio.ensure_future(_disconnected(request))
         handed_over = False
@@ -331,24 +335,28 @@ class HttpApi:
                 if call.stream:
                     watcher.cancel()  # from here Starlette's StreamingResponse watches the connection
                     handed_over = True
-                    return StreamingResponse(self._sse(run, first, client), media_type="text/event-stream",
+                    return StreamingResponse(self._sse(run, first, client, track), media_type="text/event-stream",
                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 outcomes = await _race(run.collect(first), watcher)
             usage = await self._usage(call, outcomes)
+            track.ok(usage.completion_tokens)
             if call.stream:  # an empty stream: no engine call was needed
                 return StreamingResponse(self._sse_empty(call, usage), media_type="text/event-stream")
             return JSONResponse(call.format.response(outcomes, usage))
         except ApiError as e:
+            track.error(e.code)
             return error_response(e, call.format.api)
         except _Gone:
+            track.cancelled()
             return Response(status_code=499)
         finally:
             watcher.cancel()
             if not handed_over:
+                track.error("server_error")  # only if nothing above counted it: an unexpected failure (500)
                 run.close()
                 self._release(client, len(call.jobs))
 
-    async def _sse(self, run: "_Run", first: tuple, client: str) -> AsyncIterator[str]:
+    async def _sse(self, run: "_Run", first: tuple, client: str, track: RequestMetrics) -> AsyncIterator[str]:
         call = run.call
         fmt = call.format
         try:
@@ -369,11 +377,15 @@ class HttpApi:
                         for chunk in fmt.stream_end(value, None):
                             yield _event(chunk)
                 item = await run.next() if len(outcomes) < len(call.jobs) else None
-            for event in _stream_tail(fmt, outcomes[-1], await self._usage(call, outcomes)):
+            usage = await self._usage(call, outcomes)
+            track.ok(usage.completion_tokens)
+            for event in _stream_tail(fmt, outcomes[-1], usage):
                 yield event
         except ApiError as e:
+            track.error(e.code)
             yield _event(error_body(e, fmt.api))  # both SDK families read an error object from data
         finally:
+            track.cancelled()  # only if nothing above counted it: the client left mid-stream
             run.close()  # no await: this may run while the response task is being cancelled
             self._release(client, len(call.jobs))
 

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..events import Step
+from ..events import Done, Step
 from . import protocol
+from .metrics import RequestMetrics
 from .outbox import Outbox, OutboxFull
 from .protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
 from .runner import Job, run_job
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .app import Service
 
 log = logging.getLogger("dg_edit.serve")
+WS_ROUTE = "/ws"  # its requests' label in the metrics
 
 
 class Client:
@@ -86,9 +88,12 @@ class Client:
             else:
                 self._start(request)
         except ProtocolError as e:
+            if e.code != protocol.UNKNOWN_ID:  # a late cancel is no request of its own
+                self.service.metrics.request(WS_ROUTE).error(e.code)
             self._put_final(protocol.error_frame(e.code, e.message, e.request_id))
         except Exception as e:  # a parser bug must cost one error frame, not the connection
             log.exception("frame on connection %d could not be handled", self.number)
+            self.service.metrics.request(WS_ROUTE).error(protocol.BAD_REQUEST)
             self._put_final(protocol.error_frame(protocol.BAD_REQUEST, f"frame not understood ({type(e).__name__}: "
                                                                        f"{e})"))
 
@@ -104,9 +109,10 @@ class Client:
         refusal = self.service.service_busy()
         if refusal is not None:
             raise ProtocolError(protocol.BUSY, refusal, request.id)
-        task = asyncio.create_task(self._serve(request), name=f"dg-edit-ws{self.number}-{request.id}")
+        track = self.service.metrics.request(WS_ROUTE)
+        task = asyncio.create_task(self._serve(request, track), name=f"dg-edit-ws{self.number}-{request.id}")
         self.inflight[request.id] = task
-        task.add_done_callback(lambda t, rid=request.id: self._finished(rid, t))
+        task.add_done_callback(lambda t, rid=request.id: self._finished(rid, t, track))
 
     def _cancel(self, request_id: str) -> None:
         task = self.inflight.get(request_id)
@@ -119,10 +125,11 @@ class Client:
             self._cancel_requested.add(request_id)
             task.cancel()
 
-    def _finished(self, request_id: str, task: asyncio.Task) -> None:
+    def _finished(self, request_id: str, task: asyncio.Task, track: RequestMetrics) -> None:
         # A done callback rather than `except CancelledError` in `_serve`: a task cancelled before its
         # first step never enters `_serve`'s body, and it still owes the client a `cancelled` frame.
         self.inflight.pop(request_id, None)
+        track.cancelled()  # only if `_serve` did not count it: cancelled, or the connection closed
         if request_id in self._cancel_requested:
             self._cancel_requested.discard(request_id)
             if task.cancelled():
@@ -130,7 +137,7 @@ class Client:
                 self._put_final(protocol.cancelled_frame(request_id))
 
     # ------------------------------------------------------------------ running one request
-    async def _serve(self, request: InfillRequest | RewriteRequest) -> None:
+    async def _serve(self, request: InfillRequest | RewriteRequest, track: RequestMetrics) -> None:
         """Stream one request's events into the outbox; every failure becomes an `error` frame."""
         rid = request.id
         cancel = threading.Event()
@@ -143,17 +150,21 @@ class Client:
                         if isinstance(event, Step):
                             self.outbox.put_step(rid, frame)
                         else:
+                            track.ok(len(event.ids) if isinstance(event, Done) else 0)
                             self._put_final(frame)
                             break  # no await after the final frame: a cancel cannot add a second one
         except TimeoutError:
+            track.error(protocol.TIMEOUT)
             self.outbox.drop_steps(rid)
             self._put_final(protocol.error_frame(
                 protocol.TIMEOUT, f"request ran longer than request_timeout_s={self.settings.request_timeout_s:g} "
                                   "s and was stopped", rid))
         except ValueError as e:  # the engine refused the input (empty prefix and suffix, ...)
+            track.error(protocol.BAD_REQUEST)
             self._put_final(protocol.error_frame(protocol.BAD_REQUEST, str(e), rid))
         except Exception as e:  # a model failure must reach the client, and must not end the connection
             log.exception("request %s on connection %d failed", rid, self.number)
+            track.error(protocol.MODEL_ERROR)
             self._put_final(protocol.error_frame(protocol.MODEL_ERROR, f"{type(e).__name__}: {e}", rid))
         finally:
             cancel.set()

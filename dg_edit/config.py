@@ -17,6 +17,12 @@ from typing import Any, Mapping
 
 # Environment variable holding the service token: `dg-edit serve` requires it, `dg-edit tui --connect` sends it.
 TOKEN_ENV = "DG_EDIT_TOKEN"
+# Request header naming the document a request is about: a load balancer in front of several replicas
+# hashes on it, so a document's warm caches stay on one replica (dg_edit/serve/deploy/dg-edit-nginx.conf);
+# the HTTP routes also key their prefix-cache session on it. Websockets from a browser send `?doc=` instead.
+DOCUMENT_HEADER = "X-DG-Edit-Document"
+# Response header naming the replica (host:pid) that answered: every HTTP answer and websocket handshake.
+REPLICA_HEADER = "X-DG-Edit-Replica"
 
 # DiffusionGemma generation-config names accepted as `**sampling` everywhere.
 SAMPLING_NAMES = (

@@ -109,6 +109,8 @@ async def test_requests_of_every_route_move_their_metrics(server):
     assert value(after_ws, "dg_edit_step_seconds_sum") > 0
     assert value(after_ws, "dg_edit_step_seconds_bucket", le="+Inf") == steps
     assert value(after_ws, "dg_edit_queue_depth") == 0
+    # The answer's prefix, and how much of it the encoder ran (the rest: the document's warm cache)
+    assert value(after_ws, "dg_edit_prefix_tokens_encoded_total") <= value(after_ws, "dg_edit_prefix_tokens_total") > 0
     # The document's encoder cache, as /healthz reports it (the connection closed: the session is gone)
     health = httpx.get(server.url + "/healthz", headers=AUTH, timeout=30).json()
     assert value(after_ws, "dg_edit_cache_bytes") == health["cache"]["bytes"]

@@ -38,7 +38,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .. import __version__
-from ..config import TOKEN_ENV, Settings
+from ..config import REPLICA_HEADER, TOKEN_ENV, Settings
 from .errors import render_refusal
 from .gate import WS_PATH, Gate, GateMiddleware, check_origin_value, deny_websocket, is_loopback, url_host
 from .http_api import HttpApi
@@ -81,6 +81,7 @@ class Service:
         self.model_id = ""
         # Which replica answered (X-DG-Edit-Replica, /healthz): replicas behind a load balancer differ here.
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.replica_header = (REPLICA_HEADER.lower().encode(), self.replica.encode("latin-1", "replace"))
         self.metrics = Metrics(cache_info=self._cache_info, inflight=self.inflight)
         self.page = Page()
         self.http = HttpApi(self)
@@ -111,7 +112,7 @@ class Service:
             *self.http.routes(),
             Route("/{path:path}", self.page.respond),
         ]
-        middleware = [Middleware(ReplicaHeader, replica=self.replica),
+        middleware = [Middleware(ReplicaHeader, header=self.replica_header),
                       Middleware(GateMiddleware, gate=self.gate, render=render_refusal)]
         if self.allowed_origins:  # pages of these origins may also call the HTTP APIs from a browser
             middleware.insert(0, Middleware(CORSMiddleware, allow_origins=sorted(self.allowed_origins),
@@ -214,9 +215,9 @@ class ReplicaHeader:
     """ASGI middleware: every HTTP answer names the replica that gave it (`X-DG-Edit-Replica: host:pid`),
     so that behind a load balancer a client, a log or a test can tell which one served a document."""
 
-    def __init__(self, app, replica: str):
+    def __init__(self, app, header: tuple[bytes, bytes]):
         self.app = app
-        self.header = (b"x-dg-edit-replica", replica.encode("latin-1", "replace"))
+        self.header = header
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..config import DOCUMENT_HEADER
 from ..events import Done, Step
 from .errors import ApiError, dialect, error_body, error_response
 from .metrics import RequestMetrics
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dg_edit.serve")
 
 OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE"]
+MAX_DOCUMENT_CHARS = 256  # of the X-DG-Edit-Document header kept in a session key
 MIN_TEMPERATURE_SCALE = 0.01  # temperature 0 ("as deterministic as possible"): the schedule scaled by this
 
 
@@ -271,7 +273,7 @@ class HttpApi:
                 self._ready()
                 body = await self._body(request)
                 client = request.client.host if request.client else "-"
-                call = parse(body, self.service, client)
+                call = parse(body, self.service, _session_client(request, client))
                 self._admit(client, len(call.jobs))
             except ApiError as e:
                 track.error(e.code)
@@ -339,7 +341,7 @@ class HttpApi:
                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 outcomes = await _race(run.collect(first), watcher)
             usage = await self._usage(call, outcomes)
-            track.ok(usage.completion_tokens)
+            track.ok(_dones(outcomes))
             if call.stream:  # an empty stream: no engine call was needed
                 return StreamingResponse(self._sse_empty(call, usage), media_type="text/event-stream")
             return JSONResponse(call.format.response(outcomes, usage))
@@ -378,7 +380,7 @@ class HttpApi:
                             yield _event(chunk)
                 item = await run.next() if len(outcomes) < len(call.jobs) else None
             usage = await self._usage(call, outcomes)
-            track.ok(usage.completion_tokens)
+            track.ok(_dones(outcomes))
             for event in _stream_tail(fmt, outcomes[-1], usage):
                 yield event
         except ApiError as e:
@@ -483,6 +485,17 @@ class _Run:
             cancel.set()
         for task in self.tasks:
             task.cancel()
+
+
+def _dones(outcomes: Sequence[Outcome]) -> list[Done]:
+    return [o.done for o in outcomes if o.done is not None]
+
+
+def _session_client(request: Request, client: str) -> str:
+    """Who a request's prefix-cache session belongs to: the client address, and the document it names
+    (`X-DG-Edit-Document`), so that one editor working on two documents keeps a warm cache for each."""
+    document = request.headers.get(DOCUMENT_HEADER, "")[:MAX_DOCUMENT_CHARS]
+    return f"{client}:{document}" if document else client
 
 
 async def _disconnected(request: Request) -> None:

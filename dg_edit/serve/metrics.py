@@ -22,9 +22,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..events import Done
 
 PREFIX = "dg_edit"
 # Routes that run the model; every request on them ends in exactly one outcome.
@@ -57,6 +59,10 @@ class Metrics:
                                          "answer, for requests answered ok", ["route"], buckets=LATENCY_BUCKETS,
                                          registry=r)
         self.tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens of the answers sent", registry=r)
+        self.prefix_tokens = Counter(f"{PREFIX}_prefix_tokens", "Prefix tokens the answers were conditioned on",
+                                     registry=r)
+        self.prefix_encoded = Counter(f"{PREFIX}_prefix_tokens_encoded", "Prefix tokens the encoder ran for "
+                                      "them; the rest came warm from the document's encoder cache", registry=r)
         self.step_seconds = Histogram(f"{PREFIX}_step_seconds", "Time of one denoising step (one decoder forward "
                                       "over every row of the batch, host sync included)", buckets=STEP_BUCKETS,
                                       registry=r)
@@ -107,7 +113,12 @@ class Metrics:
         """Start timing one request on `route` (one of ROUTES)."""
         return RequestMetrics(self, route)
 
-    def sent_tokens(self, n: int) -> None:
+    def answered(self, dones: Sequence[Done]) -> None:
+        """Answers were sent: their tokens, and how much of their prefix the encoder had to run."""
+        for done in dones:
+            self.prefix_tokens.inc(done.prefix_tokens)
+            self.prefix_encoded.inc(done.encoded)
+        n = sum(len(done.ids) for done in dones)
         if n <= 0:
             return
         self.tokens.inc(n)
@@ -151,10 +162,11 @@ class RequestMetrics:
         self.started = time.monotonic()
         self.ended = False
 
-    def ok(self, tokens: int = 0) -> None:
+    def ok(self, dones: Sequence[Done] = ()) -> None:
+        """Answered; `dones` are the engine's final events of its answers (one per choice)."""
         if self._end(OK):
             self.metrics.request_seconds.labels(self.route).observe(time.monotonic() - self.started)
-            self.metrics.sent_tokens(tokens)
+            self.metrics.answered(dones)
 
     def error(self, code: str) -> None:
         if self._end(ERROR):

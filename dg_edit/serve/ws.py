@@ -50,7 +50,8 @@ class Client:
         self._closing: asyncio.Task | None = None
 
     async def run(self) -> None:
-        await self.websocket.accept()
+        # The handshake's answer names the replica, as every HTTP answer does (app.ReplicaHeader).
+        await self.websocket.accept(headers=[self.service.replica_header])
         sender = asyncio.create_task(self._send_loop(), name=f"dg-edit-ws{self.number}-sender")
         try:
             while True:
@@ -150,7 +151,7 @@ class Client:
                         if isinstance(event, Step):
                             self.outbox.put_step(rid, frame)
                         else:
-                            track.ok(len(event.ids) if isinstance(event, Done) else 0)
+                            track.ok([event] if isinstance(event, Done) else [])
                             self._put_final(frame)
                             break  # no await after the final frame: a cancel cannot add a second one
         except TimeoutError:

@@ -199,3 +199,27 @@ def test_page_without_the_token_says_so_and_cannot_connect(browser, service):
     assert "needs a token" in page.text_content("#status")
     page.wait_for_selector('#connection[data-state="closed"]', timeout=30_000)
     context.close()
+
+
+def test_the_page_names_its_document_for_a_load_balancer(browser, service):
+    """Behind replicas (dg_edit/serve/deploy/dg-edit-nginx.conf) a tab must reach the replica that holds
+    its cache: its websocket carries ?doc=, the same after a reload, another in another tab."""
+    from urllib.parse import parse_qs, urlsplit
+
+    context = browser.new_context()
+    try:
+        urls: list[str] = []
+        first = context.new_page()
+        first.on("websocket", lambda ws: urls.append(ws.url))
+        open_page(first, service)
+        first.reload()
+        first.wait_for_selector('#connection[data-state="open"]', timeout=60_000)
+        second = context.new_page()
+        second.on("websocket", lambda ws: urls.append(ws.url))
+        open_page(second, service)
+        docs = [parse_qs(urlsplit(url).query).get("doc", [""])[0] for url in urls]
+        assert len(docs) == 3 and all(docs), urls
+        assert docs[0] == docs[1] != docs[2], docs  # a tab keeps its name across a reload; tabs differ
+        assert all(parse_qs(urlsplit(url).query)["token"] == [TOKEN] for url in urls)
+    finally:
+        context.close()

@@ -154,3 +154,32 @@ def test_remote_engine_serialises_a_new_request_behind_a_cancelled_one(server):
         assert events[-1].steps >= 1
     finally:
         engine.close()
+
+
+def test_the_tui_names_its_file_for_a_load_balancer(tmp_path):
+    """Behind replicas (dg_edit/serve/deploy/dg-edit-nginx.conf) the file must reach the replica that
+    holds its cache: `--connect` sends X-DG-Edit-Document with the file's absolute path."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    from dg_edit.config import DOCUMENT_HEADER
+
+    seen: list[str | None] = []
+
+    def handler(ws):
+        seen.append(ws.request.headers.get(DOCUMENT_HEADER))
+
+    path = tmp_path / "naïve module.py"
+    path.write_text(SOURCE)
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        args = build_parser().parse_args([str(path), "--connect", f"ws://127.0.0.1:{port}/ws"])
+        engine = engine_loader(args)()
+        engine.close()
+        server.shutdown()
+    from urllib.parse import unquote
+
+    assert len(seen) == 1 and seen[0] is not None and seen[0].isascii(), seen
+    assert unquote(seen[0]) == str(path.resolve())

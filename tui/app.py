@@ -547,7 +547,8 @@ def engine_loader(args: argparse.Namespace) -> Callable[[], Any]:
         from .remote import RemoteEngine
 
         token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-        return lambda: RemoteEngine(args.connect, token, settings=settings_from_args(args)).connect()
+        document = str(Path(args.file).resolve())  # the file's one name, whatever the working directory
+        return lambda: RemoteEngine(args.connect, token, settings=settings_from_args(args), document=document).connect()
     from dg_edit.startup import load_engine
 
     return lambda: load_engine(args)

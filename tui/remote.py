@@ -18,11 +18,12 @@ import json
 import threading
 import uuid
 from typing import Any, Iterator
+from urllib.parse import quote
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from dg_edit.config import Settings
+from dg_edit.config import DOCUMENT_HEADER, Settings
 from dg_edit.events import Done, Step, Token
 
 FINAL_TYPES = ("done", "error", "cancelled")
@@ -55,9 +56,13 @@ class RemoteEngine:
 
     tokenizer = None  # the service does not send token ids; see the module docstring
 
-    def __init__(self, url: str, token: str | None = None, settings: Settings | None = None):
+    def __init__(self, url: str, token: str | None = None, settings: Settings | None = None,
+                 document: str | None = None):
         self.url = url
         self.token = token
+        # Sent as X-DG-Edit-Document: a load balancer in front of several replicas keeps this file on
+        # the one that holds its warm caches (dg_edit/serve/deploy/dg-edit-nginx.conf).
+        self.document = document
         self.settings = settings or Settings()
         self._ws: ClientConnection | None = None
         self._stack = contextlib.ExitStack()  # holds the connection's context open between requests
@@ -77,10 +82,12 @@ class RemoteEngine:
 
     def _connection(self) -> ClientConnection:
         if self._ws is None:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            if self.document:  # percent-encoded: a header value is ASCII, a file name may not be
+                headers[DOCUMENT_HEADER] = quote(self.document, safe="/")
             try:
                 self._ws = self._stack.enter_context(connect(
-                    self.url, additional_headers=headers, open_timeout=10,
+                    self.url, additional_headers=headers or None, open_timeout=10,
                     max_size=self.settings.max_message_bytes * 4))
             except InvalidURI as e:
                 raise RemoteError("bad_url", f"{self.url} is not a websocket URL (ws://HOST:PORT/ws): {e}") from None

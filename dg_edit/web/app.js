@@ -17,6 +17,15 @@ const buttons = { complete: $("complete"), accept: $("accept"), dismiss: $("dism
 // token goes on the websocket URL too.
 const token = new URLSearchParams(location.search).get("token");
 
+// The document this tab edits, for a load balancer in front of several replicas: it hashes on `doc`
+// (browsers cannot set the X-DG-Edit-Document header on a websocket), so every reconnect of this tab
+// reaches the replica that holds its warm encoder cache. Random per tab; kept across reloads.
+// (crypto.getRandomValues, not randomUUID: the latter needs a secure context, and a team's service may
+// be plain http on another host.)
+const documentKey = sessionStorage.getItem("dg-edit-doc")
+  || `page-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("")}`;
+sessionStorage.setItem("dg-edit-doc", documentKey);
+
 let socket = null;
 let retryMs = 500;
 let nextId = 1;
@@ -43,7 +52,9 @@ function setConnection(state, detail = "") {
 
 function connect() {
   setConnection("connecting");
-  socket = new WebSocket(withToken("/ws", location.protocol === "https:" ? "wss:" : "ws:"));
+  const url = new URL(withToken("/ws", location.protocol === "https:" ? "wss:" : "ws:"));
+  url.searchParams.set("doc", documentKey);
+  socket = new WebSocket(url.href);
   socket.addEventListener("open", () => {
     setConnection("open");
     retryMs = 500;

@@ -37,7 +37,9 @@ import torch
 
 from . import hf_adapter as hf, sampler, step as step_fn
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
+from . import next_edit as next_edit_fn
 from .config import SamplingConfig, Settings
+from .edits import TextEdit
 from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
@@ -146,6 +148,9 @@ class Engine:
         self.caches = CacheStore(self.settings.cache_budget_mb << 20, self.settings.prefix_chunk,
                                  kv_bytes_per_token(hf.text_config(model), model.dtype))
         self._prefill = Prefiller(self)
+        self._histories = next_edit_fn.Histories(self.settings.edit_history_sessions,
+                                                 self.settings.edit_history_edits, self.settings.edit_history_chars)
+        self._next_edits = next_edit_fn.NextEditPreparer(self)
         self._answers: OrderedDict[tuple, Answer] = OrderedDict()  # typed-ahead, guarded by _answers_lock
         self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
@@ -301,8 +306,97 @@ class Engine:
         request.strength = float(strength)
         return self._guarded(request, with_steps=_with_steps)
 
+    # ------------------------------------------------------------------ next-edit prediction
+    def record_edit(self, session: str, edit: TextEdit) -> None:
+        """The user made `edit` to document `session` (offsets into its text before the edit): it joins
+        the document's edit history, which aims next-edit requests, and drops a prepared suggestion."""
+        if not isinstance(session, str):
+            raise ValueError(f"session must be text (str), got {type(session).__name__}")
+        self._histories.record(session, edit)
+        self._next_edits.forget(session)
+
+    def recent_edits(self, session: str) -> tuple[TextEdit, ...]:
+        """The document's edit history, oldest first, as next-edit requests see it."""
+        return self._histories.recent(session)[0]
+
+    def next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
+                  sampling: dict | None = None, extra: Sequence[str] = ()) -> Done:
+        """The edit the user will make next near `cursor` (a character offset into `text`): `Done.edits`,
+        empty when the model keeps the window. Details in `dg_edit.next_edit`."""
+        return _last(self.stream_next_edit(text, cursor, session=session, seed=seed, sampling=sampling, extra=extra))
+
+    def stream_next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
+                         sampling: dict | None = None, extra: Sequence[str] = ()) -> Iterator[Step | Done]:
+        """`next_edit` as `Step` events (the window's draft) and a final `Done` carrying the edits.
+
+        With a `session`, conditions on its edit history (`record_edit`) and warm caches, and answers at
+        once from a suggestion `prepare_next_edit` made for the same text, cursor and history. `seed`
+        None means 0: a suggestion is reproducible, and the prepared one equals the one asked for.
+        """
+        key = self._next_edit_key(session, text, cursor, seed, sampling, extra)
+        if session is not None:
+            t0 = time.perf_counter()
+            done = self._next_edits.take(key)
+            if done is not None:
+                self._prefill.touch()
+                return iter([replace_fields(done, ms=(time.perf_counter() - t0) * 1000.0, prepared=True)])
+        return self._next_edit_events(text, cursor, session, key[4], dict(key[5]), extra)
+
+    def prepare_next_edit(self, session: str, text: str, cursor: int, *, seed: int | None = None,
+                          sampling: dict | None = None, extra: Sequence[str] = ()) -> None:
+        """Prepare `session`'s next-edit answer in the background once the editor is quiet (after
+        `Settings.idle_prefill_ms`, no request running); returns at once. A later `stream_next_edit`
+        with the same text, cursor, history and options answers from it; anything else replaces it."""
+        if session is None:
+            raise ValueError("prepare_next_edit needs a session (the document the answer is kept for)")
+        key = self._next_edit_key(session, text, cursor, seed, sampling, extra)
+        self._need_tokenizer()
+        self._next_edits.schedule(key)
+
+    def wait_next_edit_prepared(self, timeout: float | None = None) -> bool:
+        """Block until background next-edit preparation is done; False on timeout (tests, benchmarks)."""
+        return self._next_edits.wait_idle(timeout)
+
+    def active_requests(self) -> int:
+        """Requests running now (background next-edit preparation gives way to them)."""
+        return self._prefill.active
+
+    def _next_edit_key(self, session, text, cursor, seed, sampling, extra) -> tuple:
+        """Everything that shapes a next-edit answer, checked: what a prepared answer is kept under."""
+        _check_text("text", text)
+        _check_extra(extra)
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or not 0 <= cursor <= len(text):
+            raise ValueError(f"cursor must be a character offset in [0, {len(text)}], got {cursor!r}")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ValueError(f"sampling must be an object, got {type(sampling).__name__}")
+        seed = 0 if seed is None else seed
+        self._resolve(None, seed, dict(sampling or {}))  # unknown sampling names, a bad seed: raised now
+        version = self._histories.recent(session)[1] if session is not None else 0
+        return (session, text, cursor, version, seed, tuple(sorted((sampling or {}).items())), tuple(extra))
+
+    def _next_edit_events(self, text: str, cursor: int, session: str | None, seed: int, sampling: dict,
+                          extra: Sequence[str] = ()) -> Iterator[Step | Done]:
+        """Steps 1–4 of `dg_edit.next_edit`: window, context, rewrite, edits."""
+        tok = self._need_tokenizer()
+        settings = self.settings
+        window = next_edit_fn.choose_window(text, cursor, lambda s: len(tok.encode(s, add_special_tokens=False)),
+                                            settings.next_edit_window_tokens)
+        prefix, window_text, suffix = text[: window.start], text[window.start: window.end], text[window.end:]
+        chunk = next_edit_fn.history_chunk(text, self._histories.recent(session)[0] if session is not None else ())
+        extra = [*extra, chunk] if chunk else list(extra)
+        if not prefix and not suffix and not any(extra) or not window_text.strip():
+            # Nothing aims the rewrite (no context, no recent edit) or nothing to rewrite: no suggestion.
+            return iter([Done(text=window_text, ids=(), steps=0, tokens_per_forward=0.0,
+                              window=(window.start, window.end))])
+        events = self.stream_rewrite(prefix, window_text, suffix, strength=settings.next_edit_strength, seed=seed,
+                                     session=session, extra=extra, **sampling)
+        return next_edit_fn.read_edits(events, window, window_text, settings.next_edit_min_score)
+
     def forget(self, session: str) -> None:
-        """Drop a document's caches, its pending prefill and its typed-ahead answers (the editor closed it)."""
+        """Drop a document's caches, its pending prefill, its typed-ahead answers, its edit history and
+        prepared next edit (the editor closed it)."""
+        self._histories.forget(session)
+        self._next_edits.forget(session)
         self._prefill.cancel(session)
         with self._answers_lock:
             for key in [k for k in self._answers if k[0] == session]:
@@ -350,6 +444,7 @@ class Engine:
         """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep
         what they hold)."""
         self._prefill.shutdown()
+        self._next_edits.shutdown()
         with self._lock:
             for session in self.caches.sessions():
                 self.caches.forget(session)

@@ -320,20 +320,30 @@ class Engine:
         return self._histories.recent(session)[0]
 
     def next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
-                  sampling: dict | None = None, extra: Sequence[str] = ()) -> Done:
+                  sampling: dict | None = None, extra: Sequence[str] = (),
+                  edits: Sequence[TextEdit] | None = None) -> Done:
         """The edit the user will make next near `cursor` (a character offset into `text`): `Done.edits`,
         empty when the model keeps the window. Details in `dg_edit.next_edit`."""
-        return _last(self.stream_next_edit(text, cursor, session=session, seed=seed, sampling=sampling, extra=extra))
+        return _last(self.stream_next_edit(text, cursor, session=session, seed=seed, sampling=sampling, extra=extra,
+                                           edits=edits))
 
     def stream_next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
-                         sampling: dict | None = None, extra: Sequence[str] = ()) -> Iterator[Step | Done]:
+                         sampling: dict | None = None, extra: Sequence[str] = (),
+                         edits: Sequence[TextEdit] | None = None) -> Iterator[Step | Done]:
         """`next_edit` as `Step` events (the window's draft) and a final `Done` carrying the edits.
 
         With a `session`, conditions on its edit history (`record_edit`) and warm caches, and answers at
         once from a suggestion `prepare_next_edit` made for the same text, cursor and history. `seed`
         None means 0: a suggestion is reproducible, and the prepared one equals the one asked for.
+        `edits` (oldest first, each indexing the text before it) replace the session's history for this
+        request: for callers that keep no session (stateless HTTP, evaluation).
         """
         key = self._next_edit_key(session, text, cursor, seed, sampling, extra)
+        if edits is not None:
+            edits = tuple(edits)
+            if not all(isinstance(e, TextEdit) for e in edits):
+                raise ValueError("edits must be TextEdit objects")
+            return self._next_edit_events(text, cursor, session, key[4], dict(key[5]), extra, history=edits)
         if session is not None:
             t0 = time.perf_counter()
             done = self._next_edits.take(key)
@@ -375,14 +385,17 @@ class Engine:
         return (session, text, cursor, version, seed, tuple(sorted((sampling or {}).items())), tuple(extra))
 
     def _next_edit_events(self, text: str, cursor: int, session: str | None, seed: int, sampling: dict,
-                          extra: Sequence[str] = ()) -> Iterator[Step | Done]:
+                          extra: Sequence[str] = (), history: tuple[TextEdit, ...] | None = None
+                          ) -> Iterator[Step | Done]:
         """Steps 1–4 of `dg_edit.next_edit`: window, context, rewrite, edits."""
         tok = self._need_tokenizer()
         settings = self.settings
         window = next_edit_fn.choose_window(text, cursor, lambda s: len(tok.encode(s, add_special_tokens=False)),
                                             settings.next_edit_window_tokens)
         prefix, window_text, suffix = text[: window.start], text[window.start: window.end], text[window.end:]
-        chunk = next_edit_fn.history_chunk(text, self._histories.recent(session)[0] if session is not None else ())
+        if history is None:
+            history = self._histories.recent(session)[0] if session is not None else ()
+        chunk = next_edit_fn.history_chunk(text, history)
         extra = [*extra, chunk] if chunk else list(extra)
         if not prefix and not suffix and not any(extra) or not window_text.strip():
             # Nothing aims the rewrite (no context, no recent edit) or nothing to rewrite: no suggestion.
@@ -438,7 +451,7 @@ class Engine:
         docs = [{"session": session, **info} for session, info in self.caches.summary.items()]
         return {"bytes_per_token": self.caches.bytes_per_token, "budget_bytes": self.caches.budget_bytes,
                 "bytes": sum(d["bytes"] for d in docs), "window_tokens": self.window_tokens,
-                "documents": docs, "prefill": self._prefill.info()}
+                "documents": docs, "prefill": self._prefill.info(), "next_edit": self._next_edits.info()}
 
     def close(self) -> None:
         """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep

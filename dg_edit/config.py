@@ -144,6 +144,12 @@ class Settings:
     | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
     | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
+    | next_edit_window_tokens | 96 | lines around the cursor a next-edit request rewrites (whole lines, more below than above) |
+    | next_edit_strength | 0.5 | share of the window's least-sure tokens a next-edit request renoises |
+    | next_edit_min_score | 0.0 | suggested edits whose written tokens' mean confidence is lower are dropped |
+    | edit_history_edits | 8 | recent edits per document kept (and shown to the model) for next-edit prediction |
+    | edit_history_chars | 2000 | characters (old and new text) of those edits together |
+    | edit_history_sessions | 64 | documents with an edit history; the least recently edited go first |
     | compile_step | false | run the step's tensor work through torch.compile (dg_edit/step.py; bench/memory.py measures it) |
     | sampling | {} | overrides of SamplingConfig names |
     """
@@ -168,18 +174,27 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_inflight: int = 4
     request_timeout_s: float = 60.0
+    next_edit_window_tokens: int = 96
+    next_edit_strength: float = 0.5
+    next_edit_min_score: float = 0.0
+    edit_history_edits: int = 8
+    edit_history_chars: int = 2000
+    edit_history_sessions: int = 64
     compile_step: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "single_line_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
-                     "max_inflight"):
+                     "max_inflight", "next_edit_window_tokens", "edit_history_edits", "edit_history_chars",
+                     "edit_history_sessions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:
             raise ValueError("max_suffix_tokens, suffix_head_tokens and max_extra_tokens must be >= 0")
         if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0:
             raise ValueError("cache_budget_mb and idle_prefill_ms must be >= 0")
+        if not 0.0 <= self.next_edit_strength <= 1.0 or not 0.0 <= self.next_edit_min_score <= 1.0:
+            raise ValueError("next_edit_strength and next_edit_min_score must be in [0, 1]")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
         _check_keys(SamplingConfig, self.sampling)

@@ -35,9 +35,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import hf_adapter as hf, sampler, step as step_fn
+from . import hf_adapter as hf, next_edit as next_edit_fn, sampler, step as step_fn
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
+from .edits import TextEdit
 from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
@@ -146,6 +147,9 @@ class Engine:
         self.caches = CacheStore(self.settings.cache_budget_mb << 20, self.settings.prefix_chunk,
                                  kv_bytes_per_token(hf.text_config(model), model.dtype))
         self._prefill = Prefiller(self)
+        self._histories = next_edit_fn.Histories(self.settings.edit_history_sessions,
+                                                 self.settings.edit_history_edits, self.settings.edit_history_chars)
+        self._next_edits = next_edit_fn.NextEditPreparer(self)
         self._answers: OrderedDict[tuple, Answer] = OrderedDict()  # typed-ahead, guarded by _answers_lock
         self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
@@ -304,8 +308,97 @@ class Engine:
         request.strength = float(strength)
         return self._guarded(request, with_steps=_with_steps)
 
+    # ------------------------------------------------------------------ next-edit prediction
+    def record_edit(self, session: str, edit: TextEdit) -> None:
+        """The user made `edit` to document `session` (offsets into its text before the edit): it joins
+        the document's edit history, which aims next-edit requests, and drops a prepared suggestion."""
+        if not isinstance(session, str):
+            raise ValueError(f"session must be text (str), got {type(session).__name__}")
+        self._histories.record(session, edit)
+        self._next_edits.forget(session)
+
+    def recent_edits(self, session: str) -> tuple[TextEdit, ...]:
+        """The document's edit history, oldest first, as next-edit requests see it."""
+        return self._histories.recent(session)[0]
+
+    def next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
+                  sampling: dict | None = None, extra: Sequence[str] = (),
+                  edits: Sequence[TextEdit] | None = None) -> Done:
+        """The edit the user will make next near `cursor` (a character offset into `text`): `Done.edits`,
+        empty when the model keeps the window. Details in `dg_edit.next_edit`."""
+        return _last(self.stream_next_edit(text, cursor, session=session, seed=seed, sampling=sampling, extra=extra,
+                                           edits=edits))
+
+    def stream_next_edit(self, text: str, cursor: int, *, session: str | None = None, seed: int | None = None,
+                         sampling: dict | None = None, extra: Sequence[str] = (),
+                         edits: Sequence[TextEdit] | None = None) -> Iterator[Step | Done]:
+        """`next_edit` as `Step` events (the window's draft) and a final `Done` carrying the edits.
+
+        With a `session`, conditions on its edit history (`record_edit`) and warm caches, and answers at
+        once from a suggestion `prepare_next_edit` made for the same text, cursor and history. `seed`
+        None means 0: a suggestion is reproducible, and the prepared one equals the one asked for.
+        `edits` (oldest first, each indexing the text before it) replace the session's history for this
+        request: for callers that keep no session (stateless HTTP, evaluation).
+        """
+        key = self._next_edit_key(session, text, cursor, seed, sampling, extra)
+        if edits is not None:
+            edits = tuple(edits)
+            if not all(isinstance(e, TextEdit) for e in edits):
+                raise ValueError("edits must be TextEdit objects")
+            return self._next_edit_events(text, cursor, session, key[4], dict(key[5]), extra, history=edits)
+        if session is not None:
+            t0 = time.perf_counter()
+            done = self._next_edits.take(key)
+            if done is not None:
+                self._prefill.touch()
+                return iter([replace_fields(done, ms=(time.perf_counter() - t0) * 1000.0, prepared=True)])
+        return self._next_edit_events(text, cursor, session, key[4], dict(key[5]), extra)
+
+    def prepare_next_edit(self, session: str, text: str, cursor: int, *, seed: int | None = None,
+                          sampling: dict | None = None, extra: Sequence[str] = ()) -> None:
+        """Prepare `session`'s next-edit answer in the background once the editor is quiet (after
+        `Settings.idle_prefill_ms`, no request running); returns at once. A later `stream_next_edit`
+        with the same text, cursor, history and options answers from it; anything else replaces it."""
+        if session is None:
+            raise ValueError("prepare_next_edit needs a session (the document the answer is kept for)")
+        key = self._next_edit_key(session, text, cursor, seed, sampling, extra)
+        self._need_tokenizer()
+        self._next_edits.schedule(key)
+
+    def wait_next_edit_prepared(self, timeout: float | None = None) -> bool:
+        """Block until background next-edit preparation is done; False on timeout (tests, benchmarks)."""
+        return self._next_edits.wait_idle(timeout)
+
+    def active_requests(self) -> int:
+        """Requests running now (background next-edit preparation gives way to them)."""
+        return self._prefill.active
+
+    def _next_edit_key(self, session, text, cursor, seed, sampling, extra) -> tuple:
+        """Everything that shapes a next-edit answer, checked: what a prepared answer is kept under."""
+        _check_text("text", text)
+        _check_extra(extra)
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or not 0 <= cursor <= len(text):
+            raise ValueError(f"cursor must be a character offset in [0, {len(text)}], got {cursor!r}")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ValueError(f"sampling must be an object, got {type(sampling).__name__}")
+        seed = 0 if seed is None else seed
+        self._resolve(None, seed, dict(sampling or {}))  # unknown sampling names, a bad seed: raised now
+        version = self._histories.recent(session)[1] if session is not None else 0
+        return (session, text, cursor, version, seed, tuple(sorted((sampling or {}).items())), tuple(extra))
+
+    def _next_edit_events(self, text: str, cursor: int, session: str | None, seed: int, sampling: dict,
+                          extra: Sequence[str] = (), history: tuple[TextEdit, ...] | None = None
+                          ) -> Iterator[Step | Done]:
+        self._need_tokenizer()
+        if history is None:
+            history = self._histories.recent(session)[0] if session is not None else ()
+        return next_edit_fn.run(self, text, cursor, session, seed, sampling, extra, history)
+
     def forget(self, session: str) -> None:
-        """Drop a document's caches, its pending prefill and its typed-ahead answers (the editor closed it)."""
+        """Drop a document's caches, its pending prefill, its typed-ahead answers, its edit history and
+        prepared next edit (the editor closed it)."""
+        self._histories.forget(session)
+        self._next_edits.forget(session)
         self._prefill.cancel(session)
         with self._answers_lock:
             for key in [k for k in self._answers if k[0] == session]:
@@ -347,12 +440,13 @@ class Engine:
         docs = [{"session": session, **info} for session, info in self.caches.summary.items()]
         return {"bytes_per_token": self.caches.bytes_per_token, "budget_bytes": self.caches.budget_bytes,
                 "bytes": sum(d["bytes"] for d in docs), "window_tokens": self.window_tokens,
-                "documents": docs, "prefill": self._prefill.info()}
+                "documents": docs, "prefill": self._prefill.info(), "next_edit": self._next_edits.info()}
 
     def close(self) -> None:
         """Stop idle prefill and drop every cache (the engine is being replaced; requests in flight keep
         what they hold)."""
         self._prefill.shutdown()
+        self._next_edits.shutdown()
         with self._lock:
             for session in self.caches.sessions():
                 self.caches.forget(session)

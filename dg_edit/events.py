@@ -60,6 +60,12 @@ class Done:
     typed_ahead: bool = False
     encoded: int = field(default=0, compare=False)  # prefix tokens the encoder ran for this request
     prefix_tokens: int = field(default=0, compare=False)  # the windowed prefix the answer is conditioned on
+    # Next-edit answers only (`Engine.next_edit`): the suggested edits, character offsets into the request's
+    # text (empty: the model keeps the window), the window (start, end) they were chosen in, and whether
+    # the answer was prepared in the background while the editor was quiet.
+    edits: tuple[Any, ...] = ()  # dg_edit.edits.TextEdit
+    window: tuple[int, int] | None = None
+    prepared: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -71,6 +77,11 @@ class Done:
         }
         if self.typed_ahead:
             out["typed_ahead"] = True
+        if self.window is not None:
+            out["edits"] = [e.to_json() for e in self.edits]
+            out["window"] = list(self.window)
+            if self.prepared:
+                out["prepared"] = True
         return out
 
 

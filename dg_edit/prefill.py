@@ -123,6 +123,12 @@ class Prefiller:
                 self._quiet_until = time.monotonic() + self.idle_s
                 self._cond.notify_all()
 
+    @property
+    def active(self) -> int:
+        """Requests running now (next-edit preparation gives way to them)."""
+        with self._cond:
+            return self._active
+
     def touch(self) -> None:
         """The user did something (a typed-ahead answer): not quiet yet."""
         with self._cond:

@@ -223,3 +223,122 @@ def test_the_page_names_its_document_for_a_load_balancer(browser, service):
         assert all(parse_qs(urlsplit(url).query)["token"] == [TOKEN] for url in urls)
     finally:
         context.close()
+
+
+# ---------------------------------------------------------------------------------------------- next edit
+MEAN = "def mean(values):\n    count = 0\n    acc = 0.0\n    for v in values:\n        acc += v\n" \
+       "        count += 1\n    return acc / count\n"
+
+
+def replay(text: str, frames: list[dict]) -> str:
+    """The document after the page's `edit` frames, each applied to the text before it (code points)."""
+    for f in frames:
+        assert text[f["start"]: f["end"]] == f["old_text"], (f, text)
+        text = text[: f["start"]] + f["text"] + text[f["end"]:]
+        assert f["document"] == text
+    return text
+
+
+def wait_prepared(service, timeout_s: float = 120.0) -> dict:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = httpx.get(f"{service.url}/healthz?token={TOKEN}", timeout=30).json()["cache"]["next_edit"]
+        if state["ready"] >= 1 and state["pending"] == 0 and state["running"] is None:
+            return state
+        assert state["error"] is None and time.monotonic() < deadline, state
+        time.sleep(0.2)
+
+
+def test_typed_edits_feed_the_history_and_a_prepared_next_edit_is_shown(page, service):
+    from dg_edit.edits import TextEdit, apply_edits
+
+    sent = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(json.loads(f))))
+    open_page(page, service)
+    initial = page.input_value("#editor")
+    editor = page.locator("#editor")
+    editor.fill("")
+    editor.click()
+    page.keyboard.type(MEAN)
+    # Rename `count` at its first use, as a person would: select it, type the new name.
+    page.keyboard.press("Control+Home")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Home")
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    for _ in range(5):
+        page.keyboard.press("Shift+ArrowRight")
+    page.keyboard.type("total")
+    document = page.input_value("#editor")
+    assert document == MEAN.replace("count = 0", "total = 0")
+    page.wait_for_timeout(300)
+    edits = [f for f in sent if f["type"] == "edit"]
+    assert replay(initial, edits) == document and edits[-1]["cursor"] == document.index("total") + 5
+    wait_prepared(service)  # the service prepared the suggestion while the page was quiet
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector('#status[data-kind="done"]', timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-next-edit.png"))
+    done = next(f for f in page.frames_received if f["type"] == "done" and f["id"].startswith("n"))
+    assert done["prepared"] is True, done  # answered from the background preparation, at once
+    suggested = [TextEdit.from_json(e) for e in done["edits"]]
+    if not suggested:
+        assert "no edit suggested" in page.text_content("#status") and page.is_hidden("#preview")
+    else:
+        assert page.text_content("#preview") == apply_edits(document, [
+            TextEdit(e.start, e.end, document[e.start: e.end] + e.text) for e in suggested])
+        page.keyboard.press("Tab")
+        assert page.input_value("#editor") == apply_edits(document, suggested)
+    assert page.problems == []
+
+
+def test_a_next_edit_is_drawn_and_applied_at_the_right_characters(page, service):
+    # The service's answer is replaced by a known one, so that drawing and accepting are checked exactly,
+    # with a character outside the BMP before the edit (one code point, two UTF-16 units).
+    document = "s = '\U0001F600'\nx = total\ny = count\n"
+    at = document.index("count")  # a code point offset, as the protocol counts
+    edit = {"start": at, "end": at + 5, "text": "total", "old_text": "count", "score": 0.9}
+    sent = []
+
+    def route(ws):
+        server = ws.connect_to_server()
+
+        def to_server(message):
+            frame = json.loads(message)
+            sent.append(frame)
+            server.send(message)
+
+        def to_page(message):
+            frame = json.loads(message)
+            if frame["type"] == "done" and frame["id"].startswith("n"):
+                frame["edits"], frame["window"] = [edit], [0, len(document)]
+                message = json.dumps(frame)
+            ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    open_page(page, service)
+    page.locator("#editor").fill(document)
+    page.locator("#editor").focus()
+    page.keyboard.press("Control+End")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector('#status[data-kind="done"]', timeout=120_000)
+    assert page.text_content("#preview .ne-old") == "count" and page.text_content("#preview .ne-new") == "total"
+    assert page.text_content("#preview") == document.replace("count", "counttotal")
+    request = next(f for f in sent if f["type"] == "next_edit")
+    assert request["text"] == document and request["cursor"] == len(document)
+    page.keyboard.press("Tab")
+    accepted = document.replace("count", "total")
+    assert page.input_value("#editor") == accepted
+    caret = page.evaluate("() => document.getElementById('editor').selectionStart")
+    assert caret == utf16_len(accepted[: at + 5])
+    page.wait_for_timeout(200)
+    last = [f for f in sent if f["type"] == "edit"][-1]
+    assert (last["start"], last["end"], last["text"], last["old_text"]) == (at, at + 5, "total", "count")
+    assert page.problems == []

@@ -410,3 +410,44 @@ async def test_every_route_answers_503_while_the_model_loads(engine):
             assert (await http.get("/health")).json() == {"status": "ok"}
             response = await http.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2})
             assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"]
+
+
+# ---------------------------------------------------------------------------------------------- next edit
+NEXT_EDIT_TEXT = "def mean(values):\n    total = 0\n    acc = 0.0\n    for v in values:\n        acc += v\n" \
+                 "        count += 1\n    return acc / count\n"
+
+
+def test_next_edit_route_answers_the_engines_edits_whole_or_streamed(servers, engine):
+    from dg_edit.edits import TextEdit
+
+    plain, auth = servers["plain"], servers["auth"]
+    at = NEXT_EDIT_TEXT.index("total")
+    body = {"text": NEXT_EDIT_TEXT, "cursor": at + 5, "edits": [{"start": at, "end": at + 5, "text": "total",
+                                                                 "old_text": "count"}], "session": "m.py"}
+    expected = engine.next_edit(NEXT_EDIT_TEXT, at + 5, sampling=STEADY["sampling"],
+                                edits=[TextEdit(at, at + 5, "total", "count")])
+    response = httpx.post(plain.url + "/next_edit", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["window"] == list(expected.window) and answer["text"] == expected.text and answer["steps"] > 0
+    assert [(e["start"], e["end"], e["text"]) for e in answer["edits"]] == [(e.start, e.end, e.text)
+                                                                           for e in expected.edits]
+    # Streamed: the window's drafts as `step` events, then the same answer as `done`.
+    with httpx.stream("POST", plain.url + "/next_edit", json={**body, "stream": True}, timeout=120) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in streamed.read().decode().split("\n\n") if block]
+    names = [block.split("\n")[0] for block in events]
+    assert names[-1] == "event: done" and names[:-1] and set(names[:-1]) == {"event: step"}
+    last = json.loads(events[-1].split("data: ", 1)[1])
+    assert last["edits"] == answer["edits"] and last["text"] == answer["text"]
+    # Bad input is a 400 naming the field; the token is required where the service has one.
+    for bad, param in [({"text": "x"}, "cursor"), ({"text": "x", "cursor": 2}, "cursor"),
+                       ({"text": "x", "cursor": 0, "edits": [{"start": 1}]}, "edits"),
+                       ({"text": "x", "cursor": 0, "colour": 1}, "colour"), ({"text": 3, "cursor": 0}, "text")]:
+        response = httpx.post(plain.url + "/next_edit", json=bad, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (bad, response.text)
+    assert httpx.get(plain.url + "/next_edit").status_code == 405
+    assert httpx.post(auth.url + "/next_edit", json=body, timeout=30).status_code == 401
+    response = httpx.post(auth.url + "/next_edit", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200 and response.json()["window"] == answer["window"]

@@ -164,3 +164,17 @@ async def test_requests_of_every_route_move_their_metrics(server):
     # The HTTP routes keep one prefix-cache session per client: its bytes are counted.
     assert value(after_http, "dg_edit_cache_bytes") > 0
     assert value(after_http, "dg_edit_cache_documents") >= 1
+
+    # 4. Next-edit over HTTP: one answered, one refused for its cursor; both on their own route.
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as http:
+        text = "def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n"
+        answered = await http.post("/next_edit", json={"text": text, "cursor": 10, "seed": 7})
+        assert answered.status_code == 200, answered.text
+        refused = await http.post("/next_edit", json={"text": text, "cursor": len(text) + 1})
+        assert refused.status_code == 400, refused.text
+    after_next = scrape(server)
+    assert value(after_next, "dg_edit_requests_total", route="/next_edit", outcome="ok") == 1
+    assert value(after_next, "dg_edit_requests_total", route="/next_edit", outcome="error") == 1
+    assert value(after_next, "dg_edit_request_seconds_count", route="/next_edit") == 1
+    assert value(after_next, "dg_edit_step_seconds_count") - value(after_http, "dg_edit_step_seconds_count") \
+        == answered.json()["steps"]

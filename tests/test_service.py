@@ -586,3 +586,64 @@ def test_missing_model_is_a_clear_error(tmp_path):
                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "model directory not found" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------- next edit
+NEXT_EDIT_SOURCE = '''def mean(values):
+    count = 0
+    acc = 0.0
+    for v in values:
+        acc += v
+        count += 1
+    return acc / count
+'''
+
+
+async def test_edits_aim_next_edit_and_a_prepared_suggestion_answers_at_once(server, engine):
+    from dg_edit.edits import TextEdit, apply_edits
+
+    at = NEXT_EDIT_SOURCE.index("count = 0")
+    # What a browser editor reports while the user renames `count` (backspace x5, then types "total").
+    keys = [TextEdit(at + 4 - k, at + 5 - k, "", "count"[4 - k]) for k in range(5)]
+    keys += [TextEdit(at + k, at + k, ch) for k, ch in enumerate("total")]
+    document = NEXT_EDIT_SOURCE
+    async with connect(server.ws_url) as ws:
+        for k, key in enumerate(keys):
+            document = key.apply(document)
+            frame = {"type": "edit", "id": f"e{k}", "session": "m.py", "start": key.start, "end": key.end,
+                     "text": key.text, "old_text": key.old_text}
+            if k == len(keys) - 1:  # the user goes quiet: prepare the suggestion at the cursor
+                frame |= {"document": document, "cursor": at + 5}
+            await ws.send(json.dumps(frame))
+        # A malformed edit is refused with its id; the history it would have joined is untouched.
+        await ws.send(json.dumps({"type": "edit", "id": "bad", "session": "m.py", "start": 5, "end": 2, "text": ""}))
+        err = await recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "bad", "bad_request"), err
+        for rid, bad in (("bad-text", {"text": "\ud800"}), ("bad-cursor", {"text": "", "document": "ab", "cursor": 3})):
+            await ws.send(json.dumps({"type": "edit", "id": rid, "session": "m.py", "start": 0, "end": 0, **bad}))
+            err = await recv(ws)
+            assert (err["type"], err["id"], err["code"]) == ("error", rid, "bad_request"), err
+        deadline = asyncio.get_running_loop().time() + 120
+        while True:
+            state = health(server)["cache"]["next_edit"]
+            if state["ready"] >= 1 and state["pending"] == 0 and state["running"] is None:
+                break
+            assert state["error"] is None and asyncio.get_running_loop().time() < deadline, state
+            await asyncio.sleep(0.1)
+        await ws.send(json.dumps({"type": "next_edit", "id": "n1", "text": document, "cursor": at + 5,
+                                  "session": "m.py"}))
+        prepared = await collect(ws, ["n1"])
+        # Another cursor was not prepared: it runs, streaming the window's drafts.
+        await ws.send(json.dumps({"type": "next_edit", "id": "n2", "text": document, "cursor": 0, "session": "m.py"}))
+        cold = check_stream((await collect(ws, ["n2"]))["n2"])
+    (done,) = prepared["n1"]
+    assert done["type"] == "done" and done["prepared"] is True
+    expected = engine.next_edit(document, at + 5, session="ws-reference", sampling=STEADY["sampling"],
+                                edits=[TextEdit(at, at + 5, "total", "count")])
+    assert done["window"] == list(expected.window) and done["text"] == expected.text
+    assert [(e["start"], e["end"], e["text"]) for e in done["edits"]] == [(e.start, e.end, e.text)
+                                                                         for e in expected.edits]
+    start, end = done["window"]
+    suggested = [TextEdit.from_json(e) for e in done["edits"]]
+    assert apply_edits(document, suggested) == document[:start] + done["text"] + document[end:]
+    assert cold["type"] == "done" and "prepared" not in cold and cold["window"][0] == 0

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from dg_edit import Done, Error, Step, Token
 from dg_edit.serve import protocol
 from dg_edit.serve.outbox import Outbox, OutboxFull
-from dg_edit.serve.protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
+from dg_edit.edits import TextEdit
+from dg_edit.serve.protocol import (CancelRequest, EditMessage, InfillRequest, NextEditRequest, ProtocolError,
+                                    RewriteRequest)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,12 @@ def test_parse_typed_requests():
     r = protocol.parse_request(json.dumps({"type": "infill", "id": "r3", "prefix": "a", "extra": [
         {"text": "X = 1", "filename": "lib/x.py"}, {"text": "Y = 2\n"}]}))
     assert r.extra == ("# file: lib/x.py\nX = 1\n", "Y = 2\n")  # as dg_edit.extra.extra_chunk writes them
+    r = protocol.parse_request(json.dumps({"type": "next_edit", "id": "n1", "text": "ab\n", "cursor": 2,
+                                           "session": "doc", "seed": 1}))
+    assert r == NextEditRequest(id="n1", text="ab\n", cursor=2, seed=1, session="doc")
+    r = protocol.parse_request(json.dumps({"type": "edit", "id": "e1", "session": "doc", "start": 1, "end": 2,
+                                           "text": "x", "old_text": "b", "document": "axc", "cursor": 2}))
+    assert r == EditMessage(id="e1", session="doc", start=1, end=2, text="x", old_text="b", document="axc", cursor=2)
 
 
 @pytest.mark.parametrize("frame, code, rid, words", [
@@ -70,6 +78,12 @@ def test_parse_typed_requests():
      "bad_request", "r1", "extra[0].filename"),
     ('{"type":"infill","id":"r1","prefix":"x","extra":[{"text":"a","time":1}]}', "bad_request", "r1",
      "unknown field(s) in extra[0]"),
+    ('{"type":"next_edit","id":"r1","text":"x"}', "bad_request", "r1", "cursor"),
+    ('{"type":"next_edit","id":"r1","text":"x","cursor":-1}', "bad_request", "r1", ">= 0"),
+    ('{"type":"next_edit","id":"r1","text":"x","cursor":0.5}', "bad_request", "r1", "cursor must be an integer"),
+    ('{"type":"edit","id":"r1","session":"d","start":0,"end":1}', "bad_request", "r1", "text"),
+    ('{"type":"edit","id":"r1","session":"d","start":0,"end":1,"text":"","cursor":1}', "bad_request", "r1",
+     "document and cursor"),
 ])
 def test_bad_frames_are_protocol_errors(frame, code, rid, words):
     with pytest.raises(ProtocolError) as info:
@@ -83,11 +97,12 @@ def test_bad_frames_are_protocol_errors(frame, code, rid, words):
 _values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-1, 2, allow_nan=False),
                     st.text(max_size=3), st.lists(st.integers(), max_size=1))
 _keys = st.sampled_from(["type", "id", "prefix", "suffix", "selection", "instruction", "strength", "seed",
-                         "max_new_tokens", "session", "single_line", "extra"])
+                         "max_new_tokens", "session", "single_line", "extra", "text", "cursor", "start", "end",
+                         "old_text", "document"])
 _frames = st.dictionaries(_keys, _values, max_size=8).map(
     lambda d: d | {"type": d.get("type") if not isinstance(d.get("type"), str) else d["type"]})
 _typed = st.builds(lambda d, kind, rid: {**d, "type": kind, "id": rid}, _frames,
-                   st.sampled_from(["infill", "rewrite", "cancel", "paint"]), st.sampled_from(["r1", "", 5]))
+                   st.sampled_from(["infill", "rewrite", "next_edit", "edit", "cancel", "paint"]), st.sampled_from(["r1", "", 5]))
 
 
 @settings(max_examples=400, deadline=None)
@@ -109,6 +124,9 @@ def test_server_frames_come_from_core_events_and_validate(schema):
     frames = [
         protocol.event_frame(step, "r1"),
         protocol.event_frame(Done(text="ab", ids=(1, 2), steps=8, tokens_per_forward=0.25, ms=9.0), "r1"),
+        protocol.event_frame(Done(text="a = y\n", ids=(1,), steps=3, tokens_per_forward=1.0, window=(4, 10),
+                                  edits=(TextEdit(8, 9, "y", "x", score=0.5),), prepared=True), "r1"),
+        protocol.event_frame(Done(text="a\n", ids=(), steps=0, tokens_per_forward=0.0, window=(0, 2)), "r1"),
         protocol.event_frame(Error("model_error", "boom"), "r1"),
         protocol.error_frame("bad_request", "not JSON", None),
         protocol.cancelled_frame("r1"),

@@ -5,6 +5,7 @@ Routes (dialects in `openai_api.py` and `llama_api.py`):
     POST /v1/completions        OpenAI completions; `prompt` + `suffix` is fill-in-the-middle
     POST /v1/chat/completions   OpenAI chat; an instructed rewrite when the request carries the code
     POST /infill                llama.cpp server's infill (llama.vim, llama.vscode)
+    POST /next_edit             next-edit prediction (`next_edit_api.py`)
     GET  /v1/models             the one model served
     GET  /health, /v1/health    llama.cpp's health check (public, as there)
 
@@ -218,9 +219,10 @@ class HttpApi:
         self.running: Counter[str] = Counter()  # engine streams per client address
 
     def routes(self) -> list[Route]:
-        from . import llama_api, openai_api
+        from . import llama_api, next_edit_api, openai_api
 
         return [
+            Route(next_edit_api.PATH, next_edit_api.NextEditRoute(self).endpoint, methods=["POST"]),
             Route("/v1/completions", self._post(openai_api.parse_completion, "openai"), methods=["POST"]),
             Route("/v1/chat/completions", self._post(openai_api.parse_chat, "openai"), methods=["POST"]),
             Route("/infill", self._post(llama_api.parse_infill, "llama"), methods=["POST"]),
@@ -230,15 +232,17 @@ class HttpApi:
             # Anything else under the APIs: 404/405 in the API's own shape, not the page's text.
             Route("/v1/{rest:path}", self._no_route, methods=OTHER_METHODS + ["POST"]),
             Route("/infill", self._no_route, methods=OTHER_METHODS),
+            Route(next_edit_api.PATH, self._no_route, methods=OTHER_METHODS),
         ]
 
     async def _no_route(self, request: Request) -> Response:
         path = request.url.path
         allowed = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/infill": "POST",
-                   "/v1/models": "GET", "/v1/health": "GET"}.get(path)
+                   "/v1/models": "GET", "/v1/health": "GET", "/next_edit": "POST"}.get(path)
         if allowed is None:
             error = ApiError(HTTPStatus.NOT_FOUND, f"no route {path}: this server has /v1/completions, "
-                                                   "/v1/chat/completions, /v1/models and /infill", "not_found")
+                                                   "/v1/chat/completions, /v1/models, /infill and /next_edit",
+                             "not_found")
         else:
             error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {request.method}",
                              "method_not_allowed", headers={"Allow": allowed})

@@ -30,7 +30,7 @@ from ..events import Done
 
 PREFIX = "dg_edit"
 # Routes that run the model; every request on them ends in exactly one outcome.
-ROUTES = ("/ws", "/v1/completions", "/v1/chat/completions", "/infill")
+ROUTES = ("/ws", "/v1/completions", "/v1/chat/completions", "/infill", "/next_edit")
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"  # cancelled: the client cancelled it or went away
 OUTCOMES = (OK, ERROR, CANCELLED)
 TOKENS_WINDOW_S = 60.0  # dg_edit_tokens_per_second averages over this much of the recent past

@@ -71,13 +71,43 @@ class RewriteRequest:
 
 
 @dataclass(frozen=True)
+class NextEditRequest:
+    """Suggest the edit the user will make next near `cursor` (a character offset into `text`)."""
+
+    id: str
+    text: str
+    cursor: int
+    seed: int | None = None
+    session: str | None = None  # the document: its edit history (`edit` frames) and warm caches
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EditMessage:
+    """The user edited document `session`: replace `[start, end)` (character offsets into the text before
+    the edit, which read `old_text`) with `text`. Feeds the document's edit history, which aims
+    `next_edit` requests. With `document` (the whole text after the edit) and `cursor`, the service
+    also prepares the next-edit suggestion there while the connection is quiet. Answered only when
+    refused (an `error` frame)."""
+
+    id: str
+    session: str
+    start: int
+    end: int
+    text: str
+    old_text: str = ""
+    document: str | None = None
+    cursor: int | None = None
+
+
+@dataclass(frozen=True)
 class CancelRequest:
     """Stop the in-flight request `id`; the server answers `cancelled` (or `unknown_id`)."""
 
     id: str
 
 
-Request = InfillRequest | RewriteRequest | CancelRequest
+Request = InfillRequest | RewriteRequest | NextEditRequest | EditMessage | CancelRequest
 
 # field -> (python type(s), required); "id" and "type" are checked for every frame first.
 _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -100,9 +130,26 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "session": ((str,), False),
         "extra": ((list,), False),
     },
+    "next_edit": {
+        "text": ((str,), True),
+        "cursor": ((int,), True),
+        "seed": ((int,), False),
+        "session": ((str,), False),
+        "extra": ((list,), False),
+    },
+    "edit": {
+        "session": ((str,), True),
+        "start": ((int,), True),
+        "end": ((int,), True),
+        "text": ((str,), True),
+        "old_text": ((str,), False),
+        "document": ((str,), False),
+        "cursor": ((int,), False),
+    },
     "cancel": {},
 }
-_CLASSES = {"infill": InfillRequest, "rewrite": RewriteRequest, "cancel": CancelRequest}
+_CLASSES = {"infill": InfillRequest, "rewrite": RewriteRequest, "next_edit": NextEditRequest, "edit": EditMessage,
+            "cancel": CancelRequest}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array"}
 
 
@@ -146,6 +193,8 @@ def parse_request(message: str | bytes) -> Request:
                                 request_id)
         values[name] = value
     _check_ranges(values, request_id)
+    if kind == "edit" and ("document" in values) != ("cursor" in values):
+        raise ProtocolError(BAD_REQUEST, "an edit's document and cursor come together (both or neither)", request_id)
     if "extra" in values:
         values["extra"] = parse_extra(values["extra"], request_id)
     return _CLASSES[kind](**values)
@@ -155,6 +204,9 @@ def _check_ranges(values: Mapping[str, Any], request_id: str) -> None:
     if "max_new_tokens" in values and values["max_new_tokens"] <= 0:
         raise ProtocolError(BAD_REQUEST, f"max_new_tokens must be positive, got {values['max_new_tokens']}",
                             request_id)
+    for name in ("cursor", "start", "end"):
+        if name in values and values[name] < 0:
+            raise ProtocolError(BAD_REQUEST, f"{name} must be a character offset >= 0, got {values[name]}", request_id)
     if "strength" in values:
         strength = values["strength"]
         if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..edits import TextEdit
 from ..events import Done, Step
 from . import protocol
 from .metrics import RequestMetrics
 from .outbox import Outbox, OutboxFull
-from .protocol import CancelRequest, InfillRequest, ProtocolError, RewriteRequest
-from .runner import Job, run_job
+from .protocol import CancelRequest, EditMessage, InfillRequest, NextEditRequest, ProtocolError, RewriteRequest
+from .runner import Job, record_edit, run_job
 
 if TYPE_CHECKING:
     from .app import Service
@@ -86,6 +87,8 @@ class Client:
             request = protocol.parse_request(message)
             if isinstance(request, CancelRequest):
                 self._cancel(request.id)
+            elif isinstance(request, EditMessage):
+                self._record(request)
             else:
                 self._start(request)
         except ProtocolError as e:
@@ -98,7 +101,21 @@ class Client:
             self._put_final(protocol.error_frame(protocol.BAD_REQUEST, f"frame not understood ({type(e).__name__}: "
                                                                        f"{e})"))
 
-    def _start(self, request: InfillRequest | RewriteRequest) -> None:
+    def _record(self, message: EditMessage) -> None:
+        """An `edit` frame: into the session's edit history now (in frame order, so a `next_edit` sent
+        after it sees it); refused input is a `bad_request` error frame with the frame's id."""
+        try:
+            edit = TextEdit(message.start, message.end, message.text, message.old_text)
+            record_edit(self.engine, self._session(message.session), edit, message.document, message.cursor)
+        except ValueError as e:
+            raise ProtocolError(protocol.BAD_REQUEST, str(e), message.id) from None
+
+    def _session(self, name: str) -> str:
+        session = f"ws{self.number}:{name}"  # connections never share a prefix cache entry or edit history
+        self._sessions.add(session)
+        return session
+
+    def _start(self, request: InfillRequest | RewriteRequest | NextEditRequest) -> None:
         if request.id in self.inflight:
             raise ProtocolError(protocol.DUPLICATE_ID, f"request {request.id!r} is already running on this "
                                                        "connection (it goes on); give each request a new id",
@@ -138,7 +155,7 @@ class Client:
                 self._put_final(protocol.cancelled_frame(request_id))
 
     # ------------------------------------------------------------------ running one request
-    async def _serve(self, request: InfillRequest | RewriteRequest, track: RequestMetrics) -> None:
+    async def _serve(self, request: InfillRequest | RewriteRequest | NextEditRequest, track: RequestMetrics) -> None:
         """Stream one request's events into the outbox; every failure becomes an `error` frame."""
         rid = request.id
         cancel = threading.Event()
@@ -170,11 +187,11 @@ class Client:
         finally:
             cancel.set()
 
-    def _job(self, request: InfillRequest | RewriteRequest) -> Job:
-        session = None
-        if request.session is not None:
-            session = f"ws{self.number}:{request.session}"  # connections never share a prefix cache entry
-            self._sessions.add(session)
+    def _job(self, request: InfillRequest | RewriteRequest | NextEditRequest) -> Job:
+        session = self._session(request.session) if request.session is not None else None
+        if isinstance(request, NextEditRequest):
+            return Job("next_edit", request.text, cursor=request.cursor, seed=request.seed, session=session,
+                       extra=request.extra)
         if isinstance(request, InfillRequest):
             return Job("infill", request.prefix, request.suffix, max_new_tokens=request.max_new_tokens,
                        seed=request.seed, session=session, single_line=request.single_line, extra=request.extra)

@@ -1,6 +1,11 @@
 // dg-edit demo page: a textarea editor that asks `dg-edit serve` for an infill (or a rewrite of the
 // selection) over the websocket and shows every denoising step in place, in an overlay that copies
-// the textarea's metrics. Plain JS, no build step.
+// the textarea's metrics. Every change to the text is reported as an `edit` frame (the session's edit
+// history, which aims next-edit suggestions, prepared while the user is quiet); Ctrl+Enter asks for
+// the next edit and shows it struck through / inserted in place. Plain JS, no build step.
+//
+// Offsets: the protocol counts characters as Python does (code points); JavaScript strings count
+// UTF-16 code units. `codePoints` and `unitsAt` convert at this boundary, and only here.
 //
 // Safety: model output is untrusted text. It only ever reaches the page through text nodes and
 // `textContent`; nothing here parses HTML (the page's Content-Security-Policy forbids inline script
@@ -11,7 +16,7 @@ const $ = (id) => document.getElementById(id);
 const editor = $("editor");
 const preview = $("preview");
 const statusLine = $("status");
-const buttons = { complete: $("complete"), accept: $("accept"), dismiss: $("dismiss") };
+const buttons = { complete: $("complete"), nextEdit: $("next-edit"), accept: $("accept"), dismiss: $("dismiss") };
 
 // With a token, the page is opened as /?token=T; browsers cannot set headers on a websocket, so the
 // token goes on the websocket URL too.
@@ -29,8 +34,11 @@ sessionStorage.setItem("dg-edit-doc", documentKey);
 let socket = null;
 let retryMs = 500;
 let nextId = 1;
-// The request being previewed: {id, kind, prefix, original, suffix, start, end, final}.
+// The request being previewed: {id, kind, prefix, original, suffix, start, end, final}; for a next edit
+// {id, kind: "next_edit", text, final, edits}.
 let active = null;
+// The text the service last heard the document read (through `edit` frames).
+let reported = editor.value;
 
 function withToken(path, protocol) {
   const url = new URL(path, location.href);
@@ -58,6 +66,7 @@ function connect() {
   socket.addEventListener("open", () => {
     setConnection("open");
     retryMs = 500;
+    reported = editor.value;  // a new connection is a new session: its history starts now
   });
   socket.addEventListener("close", (event) => {
     setConnection("closed", String(event.code));
@@ -118,6 +127,120 @@ function request() {
   setStatus(`${kind} ${id}: waiting for the first step…`);
 }
 
+// ------------------------------------------------------------------------------------------ next edit
+function codePoints(text) {
+  let n = 0;
+  for (const _ of text) n += 1; // iterates code points (a lone surrogate counts as one, as in Python)
+  return n;
+}
+
+function unitsAt(text, points) {
+  let units = 0;
+  let n = 0;
+  for (const ch of text) {
+    if (n === points) break;
+    units += ch.length;
+    n += 1;
+  }
+  return units;
+}
+
+const isHigh = (code) => code >= 0xd800 && code <= 0xdbff;
+const isLow = (code) => code >= 0xdc00 && code <= 0xdfff;
+
+// Tell the service what changed since it last heard: one edit (the text both versions share at their
+// ends left out, never splitting a surrogate pair), with the whole document and the cursor so that the
+// next-edit suggestion there is prepared while the user is quiet.
+function reportEdit() {
+  const text = editor.value;
+  if (text === reported || !socket || socket.readyState !== WebSocket.OPEN) return;
+  const old = reported;
+  const n = Math.min(text.length, old.length);
+  let a = 0;
+  while (a < n && text[a] === old[a]) a += 1;
+  let b = 0;
+  while (b < n - a && text[text.length - 1 - b] === old[old.length - 1 - b]) b += 1;
+  if (a > 0 && isHigh(old.charCodeAt(a - 1))) a -= 1;
+  if (b > 0 && isLow(old.charCodeAt(old.length - b))) b -= 1;
+  const oldText = old.slice(a, old.length - b);
+  const start = codePoints(old.slice(0, a));
+  socket.send(JSON.stringify({
+    type: "edit", id: `e${nextId++}`, session: "page", start, end: start + codePoints(oldText),
+    text: text.slice(a, text.length - b), old_text: oldText, document: text,
+    cursor: codePoints(text.slice(0, editor.selectionEnd)),
+  }));
+  reported = text;
+}
+
+function requestNextEdit() {
+  if (!socket || socket.readyState !== WebSocket.OPEN) {
+    setStatus("not connected to the service yet", "error");
+    return;
+  }
+  if (active) dismiss();
+  reportEdit();
+  const text = editor.value;
+  const id = `n${nextId++}`;
+  const frame = { type: "next_edit", id, text, cursor: codePoints(text.slice(0, editor.selectionEnd)), session: "page" };
+  const seed = numberField("seed");
+  if (seed !== undefined) frame.seed = seed;
+  active = { id, kind: "next_edit", text, final: null, edits: null };
+  socket.send(JSON.stringify(frame));
+  setStatus(`next edit ${id}: waiting for the first step…`);
+  buttons.dismiss.disabled = false;
+}
+
+// The suggestion in place: each edit's old text struck through, its new text inserted after it.
+function showNextEdit(frame) {
+  const text = active.text;
+  const nodes = [];
+  let at = 0;
+  for (const edit of frame.edits) {
+    const start = unitsAt(text, edit.start);
+    const end = unitsAt(text, edit.end);
+    if (start > at) nodes.push(document.createTextNode(text.slice(at, start)));
+    if (end > start) {
+      const old = document.createElement("span");
+      old.className = "ne-old";
+      old.textContent = text.slice(start, end);
+      nodes.push(old);
+    }
+    if (edit.text) {
+      const added = document.createElement("span");
+      added.className = "ne-new";
+      added.title = `confidence ${edit.score.toFixed(3)}`;
+      added.textContent = edit.text;
+      nodes.push(added);
+    }
+    at = end;
+  }
+  nodes.push(document.createTextNode(text.slice(at)));
+  preview.replaceChildren(...nodes);
+  preview.hidden = false;
+  preview.scrollTop = editor.scrollTop;
+  preview.scrollLeft = editor.scrollLeft;
+}
+
+function acceptNextEdit() {
+  const { text, edits } = active;
+  if (editor.value !== text) {
+    endPreview("the text changed while the model was working; request again", "error");
+    return;
+  }
+  // Last edit first, so earlier offsets still hold; each is reported as the user's own edit.
+  let caret = null;
+  for (const edit of [...edits].reverse()) {
+    const start = unitsAt(text, edit.start);
+    editor.setRangeText(edit.text, start, unitsAt(text, edit.end), "end");
+    if (caret === null) caret = start + edit.text.length;
+    else caret += edit.text.length - (unitsAt(text, edit.end) - start);
+    reportEdit();
+  }
+  editor.setSelectionRange(caret, caret);
+  endPreview(`accepted ${edits.length} edit${edits.length === 1 ? "" : "s"}`);
+  editor.focus();
+}
+
 function cancelActive() {
   if (active && active.final === null && socket && socket.readyState === WebSocket.OPEN) {
     socket.send(JSON.stringify({ type: "cancel", id: active.id }));
@@ -133,10 +256,29 @@ function onFrame(frame) {
   if (!active || frame.id !== active.id) return; // a dismissed request's late frames
   switch (frame.type) {
     case "step":
+      if (active.kind === "next_edit") {  // the window's draft: progress only, the edits come with done
+        setStatus(`next edit ${frame.id}: step ${frame.step}/${frame.total} · ${frame.ms.toFixed(1)} ms`);
+        break;
+      }
       showPreview(ghost(draftNodes(frame), frame.step));
       setStatus(`${active.kind} ${frame.id}: step ${frame.step}/${frame.total} · ${frame.ms.toFixed(1)} ms`);
       break;
     case "done": {
+      if (active.kind === "next_edit") {
+        const how = frame.prepared ? "prepared while you paused" : `${frame.steps} steps · ${frame.ms.toFixed(1)} ms`;
+        if (frame.edits.length === 0) {
+          endPreview(`no edit suggested (${how}): the model keeps the text around the cursor`, "done");
+          break;
+        }
+        active.final = frame.text;
+        active.edits = frame.edits;
+        showNextEdit(frame);
+        const n = frame.edits.length;
+        setStatus(`next edit ${frame.id}: ${n} edit${n === 1 ? "" : "s"} (${how}): Tab accepts, Esc dismisses`,
+                  "done");
+        buttons.accept.disabled = false;
+        break;
+      }
       active.final = frame.text;
       const span = ghost([document.createTextNode(frame.text)]);
       span.classList.add("final");
@@ -226,12 +368,17 @@ function dismiss() {
 
 function accept() {
   if (!active || active.final === null) return;
+  if (active.kind === "next_edit") {
+    acceptNextEdit();
+    return;
+  }
   if (editor.value !== active.prefix + active.original + active.suffix) {
     endPreview("the text changed while the model was working; request again", "error");
     return;
   }
   const { start, end, final } = active;
   editor.setRangeText(final, start, end, "end");
+  reportEdit();
   endPreview(`accepted ${final.length} characters`);
   editor.focus();
 }
@@ -243,10 +390,16 @@ editor.addEventListener("keydown", (event) => {
     request();
     return;
   }
+  if (event.key === "Enter" && event.ctrlKey) {
+    event.preventDefault();
+    requestNextEdit();
+    return;
+  }
   if (!active) {
     if (event.key === "Tab" && !event.shiftKey && !event.ctrlKey && !event.altKey) {
       event.preventDefault();
       editor.setRangeText("    ", editor.selectionStart, editor.selectionEnd, "end");
+      reportEdit();
     }
     return;
   }
@@ -263,11 +416,13 @@ editor.addEventListener("keydown", (event) => {
   }
   if (!["Shift", "Control", "Alt", "Meta", "CapsLock"].includes(event.key)) dismiss(); // the draft is stale
 });
+editor.addEventListener("input", reportEdit);
 editor.addEventListener("scroll", () => {
   preview.scrollTop = editor.scrollTop;
   preview.scrollLeft = editor.scrollLeft;
 });
 buttons.complete.addEventListener("click", () => { request(); editor.focus(); });
+buttons.nextEdit.addEventListener("click", () => { requestNextEdit(); editor.focus(); });
 buttons.accept.addEventListener("click", accept);
 buttons.dismiss.addEventListener("click", () => { dismiss(); editor.focus(); });
 

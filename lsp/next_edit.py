@@ -52,23 +52,21 @@ class InlineEditParams:
 
 
 def record_changes(ls: DgEditServer, uri: str) -> None:
-    """Send the document's journalled content changes to the engine's edit history (didChange)."""
+    """Send the document's journalled content changes to the engine's edit history (didChange, and
+    before a request). While the model loads they stay in the journal: the first edits after the
+    editor starts are often the ones that aim the first suggestion."""
     doc = ls.workspace.text_documents.get(uri)
-    if doc is None or not hasattr(doc, "take_changes"):
-        return
-    changes = doc.take_changes()
     engine = ls.host.loaded()
-    if engine is None or not changes:
-        return  # edits made while the model loads are not history it can use yet
+    if doc is None or engine is None or not hasattr(doc, "take_changes"):
+        return
     last: TextEdit | None = None
-    for change in changes:
-        if change.start is None:
+    for change in doc.take_changes():
+        if change.before is not None:
             # diff_edits indexes every edit into the old text: recorded from the last one back, each
             # edit's offsets still index the text just before it (what the history expects)
             edits = sorted(diff_edits(change.before, change.text), key=lambda e: e.start, reverse=True)
         else:
-            edits = [TextEdit(start=change.start, end=change.end, text=change.text,
-                              old_text=change.before[change.start:change.end])]
+            edits = [TextEdit(start=change.start, end=change.end, text=change.text, old_text=change.old_text)]
         for edit in edits:
             engine.record_edit(uri, edit)
             last = edit
@@ -118,6 +116,7 @@ async def suggest(ls: DgEditServer, uri: str, version: int, offset: int, reporte
             record.update(cached=True, steps=0, ms=0.0)
         return remembered
     engine = await ls.host.get()
+    record_changes(ls, uri)  # edits made while the model loaded
     source = documents.open_document(ls, uri).source
     extra = other_documents(ls, uri)  # read on the loop, where the workspace changes
     done = await run_events(ls, lambda: engine.stream_next_edit(source, offset, session=uri, seed=0,
@@ -168,7 +167,8 @@ async def copilot_inline_edit(ls: DgEditServer, params: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"kind": "next_edit", "uri": uri, "version": version, "requestId": request_id}
     try:
         async with ls.tracked(uri, version, "next_edit"):
-            with StepReporter(ls, uri, version, request_id, "dg-edit: next edit", token) as reporter:
+            with StepReporter(ls, uri, version, request_id, "dg-edit: next edit", token,
+                              kind="next_edit") as reporter:
                 edits = await suggest(ls, uri, version, offset, reporter, record)
                 reporter.done(edits[0].text if edits else "")
     except JsonRpcContentModified:

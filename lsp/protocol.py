@@ -13,8 +13,9 @@
    incremental edit) landed on the wrong line. `LspTextDocument.lines` splits as LSP does.
 4. The edits themselves. pygls applies each didChange content change to its copy of the text before
    any handler runs, so the text an edit replaced is gone by then. `LspTextDocument.apply_change`
-   keeps a journal of `Change`s (offsets into the text before each change, and that text), which
-   the didChange handler drains for the engine's edit history (`next_edit.record_changes`).
+   keeps a journal of `Change`s (character offsets into the text before each change, and the text
+   replaced), which the didChange handler drains for the engine's edit history
+   (`next_edit.record_changes`).
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 @dataclass(frozen=True)
 class Change:
-    """One applied content change: `before[start:end]` became `text`; full syncs have start = end = None."""
+    """One applied content change: `old_text` at [start, end) became `text` (offsets in characters of
+    the text before it). A full sync has start = end = None and keeps that whole text in `before`."""
 
-    before: str
     start: int | None
     end: int | None
     text: str
+    old_text: str = ""
+    before: str | None = None
 
 
-_JOURNAL_MAX = 256  # changes kept between two didChange handler runs (one notification's worth, normally)
+_JOURNAL_MAX = 64  # changes kept until the handler takes them (more while the model loads)
 
 
 class LspTextDocument(TextDocument):
@@ -64,16 +67,22 @@ class LspTextDocument(TextDocument):
     _journal: list[Change] | None = None
 
     def apply_change(self, change: types.TextDocumentContentChangeEvent) -> None:
-        """pygls's change, journalled first (offsets in Python characters, the old text kept by reference)."""
+        """pygls's change, journalled first (offsets in Python characters)."""
         before = self.source
-        start = end = None
         if isinstance(change, types.TextDocumentContentChangePartial) and self._is_sync_kind_incremental:
             start, end = self._offset(change.range.start), self._offset(change.range.end)
+            entry = Change(start, end, change.text, old_text=before[start:end])
+        else:
+            entry = Change(None, None, change.text, before=before)
         super().apply_change(change)
         if self._journal is None:
             self._journal = []
-        self._journal.append(Change(before, start, end, change.text))
-        del self._journal[:-_JOURNAL_MAX]
+        journal = self._journal
+        if entry.before is not None and journal and journal[-1].before is not None:
+            # full syncs in a row: one change from the first text to the last (two copies at most)
+            entry = Change(None, None, entry.text, before=journal.pop().before)
+        journal.append(entry)
+        del journal[:-_JOURNAL_MAX]
 
     def take_changes(self) -> list[Change]:
         """The changes applied since the last call (oldest first), and forget them."""

@@ -74,7 +74,8 @@ dgEdit/canvas    {uri, version, requestId, step, text, done}: one per denoising 
                  text ("" if the request was cancelled, went stale or failed; step 0 when the answer
                  came from memory). requestId is the JSON-RPC id of the request
                  (inlineCompletion / completion / executeCommand). For Invoked inline completions
-                 only the first candidate's steps are sent.
+                 only the first candidate's steps are sent. Next-edit requests add kind: "next_edit"
+                 (their draft is the rewritten window).
 $/progress       work-done begin / report "step i/N" (percentage) / end, on the client's
                  workDoneToken (inline completion, completion) or a server-created token
                  (window/workDoneProgress/create, for the commands, if the client supports it).

@@ -48,7 +48,7 @@ def test_incremental_changes_are_journalled_as_character_edits(text, data, new, 
     rng = t.Range(start=position_at(doc, a), end=position_at(doc, b))
     doc.apply_change(t.TextDocumentContentChangePartial(range=rng, text=new))
     [change] = doc.take_changes()
-    assert (change.before, change.start, change.end, change.text) == (text, a, b, new)
+    assert (change.start, change.end, change.text, change.old_text, change.before) == (a, b, new, text[a:b], None)
     assert doc.source == text[:a] + new + text[b:]
     assert doc.take_changes() == []  # taken once
 
@@ -58,9 +58,12 @@ def test_full_changes_and_several_changes_in_one_notification():
     doc.apply_change(t.TextDocumentContentChangePartial(
         range=t.Range(start=t.Position(line=0, character=6), end=t.Position(line=0, character=7)), text="y"))
     doc.apply_change(t.TextDocumentContentChangeWholeDocument(text="def f(y):\n    return y\n"))
+    doc.apply_change(t.TextDocumentContentChangeWholeDocument(text="def f(z):\n    return y\n"))
     first, second = doc.take_changes()
-    assert (first.start, first.end, first.text, first.before[6:7]) == (6, 7, "y", "x")
-    assert (second.start, second.end, second.before) == (None, None, "def f(y):\n    return x\n")
+    assert (first.start, first.end, first.text, first.old_text) == (6, 7, "y", "x")
+    # full syncs in a row are one change, from the text before the first to the text after the last
+    assert (second.start, second.end, second.before, second.text) == (
+        None, None, "def f(y):\n    return x\n", "def f(z):\n    return y\n")
 
 
 def test_an_edit_at_the_end_of_the_file_appends():

@@ -234,3 +234,17 @@ async def test_model_failure_is_an_error_and_never_an_edit(tmp_path, tiny_model_
         assert (await h.stats())["errors"] == 1
     finally:
         await h.stop()
+
+
+async def test_edits_made_while_the_model_loads_still_aim_the_first_suggestion(model_dir):
+    h = await started(model_dir, OPTIONS)
+    try:
+        uri = h.open(RENAME_DOC)
+        rename_count(h, uri)  # at once: the model is still loading
+        assert (await h.stats())["engine"]["state"] == "loading"
+        await inline_edit(h, uri, pos(1, 9))
+        history = await edit_history(h, uri)
+        start = RENAME_DOC.index("count")
+        assert [(e["start"], e["end"], e["text"], e["old_text"]) for e in history] == [(start, start + 5, "total", "count")]
+    finally:
+        await h.stop()

@@ -1,6 +1,7 @@
 """`dg-edit tui --connect ws://...`: drive a running `dg-edit serve` instead of an in-process model.
 
-`RemoteEngine` looks like an `Engine` to the TUI (`stream`, `stream_rewrite`) and yields the core's
+`RemoteEngine` looks like an `Engine` to the TUI (`stream`, `stream_rewrite`, `record_edit`,
+`stream_next_edit`) and yields the core's
 own `Step`/`Done` events, rebuilt from the documented websocket frames (`dg_edit.serve.protocol`), so the
 app cannot tell the difference. It runs in the app's model worker thread, hence the synchronous
 websockets client. Closing a stream early (the user pressed escape) sends `cancel` for its id and
@@ -23,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from dg_edit.config import Settings
+from dg_edit.edits import TextEdit
 from dg_edit.events import Done, Step, Token
 
 FINAL_TYPES = ("done", "error", "cancelled")
@@ -45,9 +47,12 @@ def step_from_frame(frame: dict[str, Any]) -> Step:
 
 
 def done_from_frame(frame: dict[str, Any]) -> Done:
+    window = frame.get("window")
     return Done(text=frame["text"], ids=(), steps=int(frame["steps"]),
                 tokens_per_forward=float(frame["tokens_per_forward"]), ms=float(frame.get("ms", 0.0)),
-                typed_ahead=bool(frame.get("typed_ahead", False)))
+                typed_ahead=bool(frame.get("typed_ahead", False)),
+                edits=tuple(TextEdit.from_json(e) for e in frame.get("edits", ())),
+                window=tuple(window) if window is not None else None, prepared=bool(frame.get("prepared", False)))
 
 
 class RemoteEngine:
@@ -109,6 +114,26 @@ class RemoteEngine:
             if value is not None:
                 body[key] = value
         return self._run(body)
+
+    def stream_next_edit(self, text: str, cursor: int, *, session: str | None = None,
+                         seed: int | None = None) -> Iterator[Step | Done]:
+        body: dict[str, Any] = {"type": "next_edit", "text": text, "cursor": cursor}
+        for key, value in (("session", session), ("seed", seed)):
+            if value is not None:
+                body[key] = value
+        return self._run(body)
+
+    def record_edit(self, session: str, edit: TextEdit) -> None:
+        """An `edit` frame: the service keeps the connection's edit history of `session`. Sent at once
+        (websockets serialises sends), never waiting for a request in flight; a refusal comes back as
+        an `error` frame with this id, which the requests' readers skip."""
+        frame = {"type": "edit", "id": uuid.uuid4().hex, "session": session, "start": edit.start, "end": edit.end,
+                 "text": edit.text, "old_text": edit.old_text}
+        try:
+            self._connection().send(json.dumps(frame))
+        except (ConnectionClosed, OSError) as e:
+            self.close()
+            raise RemoteError("disconnected", f"the connection to {self.url} closed: {e}") from None
 
     # ------------------------------------------------------------------ one request
     def _run(self, body: dict[str, Any]) -> Iterator[Step | Done]:

@@ -138,7 +138,7 @@ class Settings:
     | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
     | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
-    | next_edit_window_tokens | 48 | lines around the cursor a next-edit request rewrites (whole lines, more below than above) |
+    | next_edit_window_tokens | 96 | lines around the cursor a next-edit request rewrites (whole lines, more below than above) |
     | next_edit_strength | 0.5 | share of the window's least-sure tokens a next-edit request renoises |
     | next_edit_min_score | 0.0 | suggested edits whose written tokens' mean confidence is lower are dropped |
     | edit_history_edits | 8 | recent edits per document kept (and shown to the model) for next-edit prediction |
@@ -168,7 +168,7 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_inflight: int = 4
     request_timeout_s: float = 60.0
-    next_edit_window_tokens: int = 48
+    next_edit_window_tokens: int = 96
     next_edit_strength: float = 0.5
     next_edit_min_score: float = 0.0
     edit_history_edits: int = 8

@@ -49,8 +49,13 @@ class TextEdit:
         if self.end < self.start:
             raise ValueError(f"edit end ({self.end}) is before its start ({self.start})")
         for name in ("text", "old_text"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"edit {name} must be text (str), got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"edit {name} must be text (str), got {type(value).__name__}")
+            try:  # a lone surrogate would poison every prompt the history goes into
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"edit {name} is not valid UTF-8 text ({e.reason} at position {e.start})") from None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"start": self.start, "end": self.end, "text": self.text}

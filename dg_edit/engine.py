@@ -35,9 +35,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import hf_adapter as hf, sampler, step as step_fn
+from . import hf_adapter as hf, next_edit as next_edit_fn, sampler, step as step_fn
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
-from . import next_edit as next_edit_fn
 from .config import SamplingConfig, Settings
 from .edits import TextEdit
 from .events import Done, Step, Token
@@ -387,23 +386,10 @@ class Engine:
     def _next_edit_events(self, text: str, cursor: int, session: str | None, seed: int, sampling: dict,
                           extra: Sequence[str] = (), history: tuple[TextEdit, ...] | None = None
                           ) -> Iterator[Step | Done]:
-        """Steps 1–4 of `dg_edit.next_edit`: window, context, rewrite, edits."""
-        tok = self._need_tokenizer()
-        settings = self.settings
-        window = next_edit_fn.choose_window(text, cursor, lambda s: len(tok.encode(s, add_special_tokens=False)),
-                                            settings.next_edit_window_tokens)
-        prefix, window_text, suffix = text[: window.start], text[window.start: window.end], text[window.end:]
+        self._need_tokenizer()
         if history is None:
             history = self._histories.recent(session)[0] if session is not None else ()
-        chunk = next_edit_fn.history_chunk(text, history)
-        extra = [*extra, chunk] if chunk else list(extra)
-        if not prefix and not suffix and not any(extra) or not window_text.strip():
-            # Nothing aims the rewrite (no context, no recent edit) or nothing to rewrite: no suggestion.
-            return iter([Done(text=window_text, ids=(), steps=0, tokens_per_forward=0.0,
-                              window=(window.start, window.end))])
-        events = self.stream_rewrite(prefix, window_text, suffix, strength=settings.next_edit_strength, seed=seed,
-                                     session=session, extra=extra, **sampling)
-        return next_edit_fn.read_edits(events, window, window_text, settings.next_edit_min_score)
+        return next_edit_fn.run(self, text, cursor, session, seed, sampling, extra, history)
 
     def forget(self, session: str) -> None:
         """Drop a document's caches, its pending prefill, its typed-ahead answers, its edit history and

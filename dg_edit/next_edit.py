@@ -195,6 +195,26 @@ def read_edits(events: Iterator[Step | Done], window: EditWindow, window_text: s
             close()
 
 
+# ---------------------------------------------------------------------- steps 1-4
+def run(engine: "Engine", text: str, cursor: int, session: str | None, seed: int, sampling: dict,
+        extra: Sequence[str], history: Sequence[TextEdit]) -> Iterator[Step | Done]:
+    """Steps 1–4 for one request (its input already checked by the engine): window, context, rewrite,
+    edits. An empty window, or one with no context at all to aim it, is answered with no suggestion."""
+    tok = engine.tokenizer
+    settings = engine.settings
+    window = choose_window(text, cursor, lambda s: len(tok.encode(s, add_special_tokens=False)),
+                           settings.next_edit_window_tokens)
+    prefix, window_text, suffix = text[: window.start], text[window.start: window.end], text[window.end:]
+    chunk = history_chunk(text, history)
+    extra = [*extra, chunk] if chunk else list(extra)
+    if not prefix and not suffix and not any(extra) or not window_text.strip():
+        return iter([Done(text=window_text, ids=(), steps=0, tokens_per_forward=0.0,
+                          window=(window.start, window.end))])
+    events = engine.stream_rewrite(prefix, window_text, suffix, strength=settings.next_edit_strength, seed=seed,
+                                   session=session, extra=extra, **sampling)
+    return read_edits(events, window, window_text, settings.next_edit_min_score)
+
+
 # ---------------------------------------------------------------------- the baseline
 def repeat_last_edit(text: str, cursor: int, edits: Sequence[TextEdit]) -> tuple[TextEdit, ...]:
     """Baseline: repeat the last edit's change (its old text → its new text) at the old text's next

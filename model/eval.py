@@ -2,6 +2,7 @@
 
     dg-edit eval humaneval-infilling --split single-line [--limit N] [--model DIR] [--data DIR]
     dg-edit eval exact FILE.jsonl [--limit N] [--model DIR]
+    dg-edit eval next-edit FILE.jsonl [--limit N] [--model DIR]
 
 Every model figure is printed beside the same figure for two trivial baselines: an empty
 middle, and a copy of the previous line.
@@ -15,6 +16,9 @@ newline is added back, as the split's middles are whole lines.
 exact: tasks ``{"prefix", "suffix", "middle"}`` (make them from held-out stdlib files with
 ``python -m dg_edit.model.make_tasks``); a task is an exact match when the first line of the
 infill equals the middle with trailing whitespace ignored.
+
+next-edit: cases from ``python -m dg_edit.model.next_edit_data`` (the committed set is
+``bench/next_edit_cases.jsonl``); figures and baselines in ``next_edit_eval.py``.
 """
 
 from __future__ import annotations
@@ -304,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file", type=Path)
     e.add_argument("--warm", action="store_true", help="also time a second request with the prefix cached")
     common(e)
+    n = sub.add_parser("next-edit", help="next-edit prediction: exact window, location, rightly nothing")
+    n.add_argument("file", type=Path)
+    common(n)
     return ap
 
 
@@ -317,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.task == "humaneval-infilling":
             return humaneval(args)
+        if args.task == "next-edit":
+            from . import next_edit_eval
+
+            return next_edit_eval.run(args, load_engine(args.model, args.dtype, args.quantize), Progress)
         return exact(args)
     except FileNotFoundError as e:
         print(f"dg-edit eval: {e}", file=sys.stderr)

@@ -90,3 +90,52 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     rc = ev.main(["humaneval-infilling", "--data", str(tmp_path / "nope"), "--limit", "1"])
     assert rc == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_next_edit_end_to_end(tiny_model_dir, tmp_path, capsys):
+    # One case expecting the rename's next use (which repeating the last edit gets right), one expecting nothing.
+    text = "def f(n):\n    total = n\n    return count\n"
+    at = text.index("total")
+    use = text.index("count")
+    rows = [dict(id="p", kind="rename_local", text=text, cursor=at + 5,
+                 edits=[dict(start=at, end=at + 5, text="total", old_text="count")],
+                 expected=[dict(start=use, end=use + 5, text="total", old_text="count")]),
+            dict(id="n", kind="rename_local_done", text=text.replace("count", "total"), cursor=use + 5,
+                 edits=[dict(start=use, end=use + 5, text="total", old_text="count")], expected=[])]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_json = tmp_path / "out.json"
+    assert ev.main(["next-edit", str(cases), "--model", str(tiny_model_dir), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"model\s+exact\s+[\d.]+% \(\d/2\).*location\s+[\d.]+% \(\d/1\).*median \d+ ms", out), out
+    assert re.search(r"no-edit\s+exact\s+50\.0% \(1/2\)\s+exact \(edit expected\)\s+0\.0% \(0/1\).*"
+                     r"rightly nothing 100\.0% \(1/1\)", out), out
+    assert re.search(r"repeat-last\s+exact\s+100\.0% \(2/2\)\s+exact \(edit expected\)\s+100\.0% \(1/1\)\s+"
+                     r"location 100\.0% \(1/1\)\s+rightly nothing 100\.0% \(1/1\)", out), out
+    summary = json.loads(out_json.read_text())["summary"]
+    assert summary["n"] == 2 and summary["repeat-last"]["exact"] == 1.0 and summary["no-edit"]["location"] == 0.0
+
+
+def test_the_committed_next_edit_set_replays_and_is_what_the_script_makes(tmp_path):
+    import importlib.metadata
+    from pathlib import Path
+
+    from dg_edit.model import corpus, next_edit_data
+
+    committed = Path(__file__).resolve().parent.parent / "bench" / "next_edit_cases.jsonl"
+    cases = [json.loads(line) for line in committed.read_text(encoding="utf-8").splitlines()]
+    assert 200 <= len(cases) <= 600
+    kinds = {c["kind"] for c in cases}
+    assert kinds == {"rename_local", "add_param", "repeat_pattern", *(f"{k}_done" for k in
+                                                                      ("rename_local", "add_param", "repeat_pattern"))}
+    stdlib = {f.rel for f in corpus.iter_files()}
+    for case in cases:
+        next_edit_data.check(case)  # the recorded edits undo and replay; the expected ones index the text
+        package, path = case["source"].split(":")[0:2]
+        assert package.split("==")[0] in next_edit_data.PACKAGES and path not in stdlib  # not training data
+        assert bool(case["expected"]) != case["kind"].endswith("_done")
+    versions = {c["source"].split(":")[0] for c in cases}
+    if versions == {f"{p}=={importlib.metadata.version(p)}" for p in next_edit_data.PACKAGES}:
+        out = tmp_path / "again.jsonl"
+        assert next_edit_data.main(["--out", str(out)]) == 0
+        assert out.read_text(encoding="utf-8") == committed.read_text(encoding="utf-8")

@@ -224,3 +224,50 @@ def test_next_edit_rejects_bad_input(engine):
     # An empty document: nothing to rewrite, no suggestion, no model call.
     done = engine.next_edit("", 0)
     assert done.edits == () and done.steps == 0 and done.window == (0, 0)
+
+
+def test_an_edit_that_is_not_unicode_text_is_refused_and_changes_nothing():
+    from dg_edit.serve.runner import record_edit
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def record_edit(self, session, edit):
+            self.calls.append(("record", session, edit))
+
+        def prefill(self, session, text):
+            self.calls.append(("prefill", session))
+
+        def prepare_next_edit(self, session, text, cursor):
+            self.calls.append(("prepare", session, cursor))
+
+    with pytest.raises(ValueError, match="UTF-8"):
+        TextEdit(0, 0, "\ud800")
+    engine = Recorder()
+    for document, cursor in (("a\udfffb", 1), ("ab", 3), ("ab", None)):
+        with pytest.raises(ValueError):
+            record_edit(engine, "s", TextEdit(0, 0, "x"), document, cursor)
+    assert engine.calls == []
+    record_edit(engine, "s", TextEdit(0, 0, "x"), "xab", 1)
+    assert [c[0] for c in engine.calls] == ["record", "prefill", "prepare"]
+
+
+def test_preparation_waits_while_a_request_runs(model_dir):
+    from dg_edit import Engine
+
+    engine = Engine.load(str(model_dir), settings=Settings(idle_prefill_ms=0))
+    i, text = _renamed()
+    engine.record_edit("doc", TextEdit(i, i + 5, "total", "count"))
+    events = engine.stream(text[:i], text[i:], seed=1, max_new_tokens=8)
+    next(events)  # a request is running (its first step done, the rest to come)
+    engine.prepare_next_edit("doc", text, i + 5)
+    time.sleep(0.5)
+    state = engine.cache_info()["next_edit"]
+    assert state["pending"] == 1 and state["running"] is None and state["ready"] == 0, state
+    for _ in events:  # the request ends: now the editor is quiet
+        pass
+    assert engine.wait_next_edit_prepared(60)
+    assert engine.cache_info()["next_edit"]["ready"] == 1
+    assert engine.next_edit(text, i + 5, session="doc").prepared
+    engine.close()

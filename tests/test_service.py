@@ -619,6 +619,10 @@ async def test_edits_aim_next_edit_and_a_prepared_suggestion_answers_at_once(ser
         await ws.send(json.dumps({"type": "edit", "id": "bad", "session": "m.py", "start": 5, "end": 2, "text": ""}))
         err = await recv(ws)
         assert (err["type"], err["id"], err["code"]) == ("error", "bad", "bad_request"), err
+        for rid, bad in (("bad-text", {"text": "\ud800"}), ("bad-cursor", {"text": "", "document": "ab", "cursor": 3})):
+            await ws.send(json.dumps({"type": "edit", "id": rid, "session": "m.py", "start": 0, "end": 0, **bad}))
+            err = await recv(ws)
+            assert (err["type"], err["id"], err["code"]) == ("error", rid, "bad_request"), err
         deadline = asyncio.get_running_loop().time() + 120
         while True:
             state = health(server)["cache"]["next_edit"]

@@ -238,7 +238,8 @@ class HttpApi:
                    "/v1/models": "GET", "/v1/health": "GET", "/next_edit": "POST"}.get(path)
         if allowed is None:
             error = ApiError(HTTPStatus.NOT_FOUND, f"no route {path}: this server has /v1/completions, "
-                                                   "/v1/chat/completions, /v1/models and /infill", "not_found")
+                                                   "/v1/chat/completions, /v1/models, /infill and /next_edit",
+                             "not_found")
         else:
             error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {request.method}",
                              "method_not_allowed", headers={"Allow": allowed})

@@ -52,7 +52,7 @@ class Page:
         path = self.files.get(request.url.path)
         if path is None:
             return PlainTextResponse(f"not found: {request.url.path} (the page is at /, the websocket at {WS_PATH}, "
-                                     "the HTTP APIs under /v1 and at /infill)\n", HTTPStatus.NOT_FOUND,
+                                     "the HTTP APIs under /v1 and at /infill and /next_edit)\n", HTTPStatus.NOT_FOUND,
                                      headers=SAFE_HEADERS)
         headers = dict(SAFE_HEADERS)
         if path.suffix == ".html":

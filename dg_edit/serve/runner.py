@@ -65,6 +65,13 @@ def record_edit(engine, session: str, edit: TextEdit, document: str | None = Non
     """The user made `edit` to `session`'s document: into its edit history; with the whole `document`
     after the edit and the `cursor`, its caches are prefilled and the next edit there prepared while
     the service is quiet. Cheap (no model call): front ends call it on their event loop."""
+    if document is not None:  # checked before the edit is recorded: a refused frame changes nothing
+        try:
+            document.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"document is not valid UTF-8 text ({e.reason} at position {e.start})") from None
+        if cursor is None or not 0 <= cursor <= len(document):
+            raise ValueError(f"cursor must be a character offset in [0, {len(document)}], got {cursor!r}")
     engine.record_edit(session, edit)
     if document is not None and cursor is not None:
         engine.prefill(session, document)

@@ -100,9 +100,6 @@ class Client:
         after it sees it); refused input is a `bad_request` error frame with the frame's id."""
         try:
             edit = TextEdit(message.start, message.end, message.text, message.old_text)
-            if message.document is not None and not message.cursor <= len(message.document):
-                raise ValueError(f"cursor {message.cursor} is past the end of the document ({len(message.document)} "
-                                 "characters)")
             record_edit(self.engine, self._session(message.session), edit, message.document, message.cursor)
         except ValueError as e:
             raise ProtocolError(protocol.BAD_REQUEST, str(e), message.id) from None

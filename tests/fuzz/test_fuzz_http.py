@@ -34,6 +34,7 @@ ROUTES = {
                              "prediction", "edit", "tools", "response_format", "input_extra", "drafts"],
     "/infill": ["input_prefix", "input_suffix", "input_extra", "prompt", "n_predict", "stream", "stop", "seed",
                 "temperature", "cache_prompt", "id_slot", "response_fields", "return_tokens", "samplers", "top_k"],
+    "/next_edit": ["text", "cursor", "edits", "session", "seed", "extra", "stream"],
 }
 SMALL = st.integers(-2, 6)  # token budgets and counts that keep model time short, and a few wrong ones
 chunk = st.fixed_dictionaries({"text": any_text}, optional={"filename": any_text, "time": field_value})
@@ -50,6 +51,9 @@ GOOD = {
     "prediction": st.fixed_dictionaries({"type": st.sampled_from(["content", "text"]), "content": any_text}),
     "edit": st.fixed_dictionaries({"selection": any_text}, optional={"prefix": any_text, "strength": st.floats(-1, 2)}),
     "response_fields": st.lists(st.sampled_from(["content", "timings/predicted_n", "nope/x", ""]), max_size=3),
+    "text": any_text, "cursor": SMALL, "extra": st.lists(chunk, max_size=2),
+    "edits": st.lists(st.fixed_dictionaries({"start": SMALL, "end": SMALL, "text": any_text},
+                                            optional={"old_text": any_text, "score": field_value}), max_size=3),
 }
 
 
@@ -96,7 +100,9 @@ def post_and_check(http: httpx.Client, route: str, content: bytes) -> None:
         else:
             answer = json.loads(response.read())
             assert isinstance(answer, dict)
-            if route != "/infill":
+            if route == "/next_edit":
+                assert isinstance(answer["edits"], list) and len(answer["window"]) == 2, answer
+            elif route != "/infill":
                 assert isinstance(answer["choices"], list) and answer["choices"], answer
     assert http.get("/health").json() == {"status": "ok"}  # the probe
 
@@ -107,6 +113,13 @@ def check_stream(route: str, response: httpx.Response) -> None:
     if route == "/infill":
         decoded = [json.loads(e) for e in events]
         assert "error" in decoded[-1] or decoded[-1]["stop"] is True, decoded[-1]
+        return
+    if route == "/next_edit":  # step events, then done (or an error in OpenAI's shape)
+        decoded = [json.loads(e) for e in events]
+        if "error" in decoded[-1]:
+            check_error(route, 400, decoded[-1])
+        else:
+            assert isinstance(decoded[-1]["edits"], list) and all("step" in d for d in decoded[:-1]), decoded
         return
     if events[-1] != "[DONE]":  # a stream can only end without [DONE] on an error
         check_error(route, 400, json.loads(events[-1]))

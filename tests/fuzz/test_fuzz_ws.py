@@ -74,6 +74,17 @@ class Session:
         frame = self.recv()
         assert (frame["type"], frame["id"], frame["code"]) == ("error", rid, "unknown_id"), frame
 
+    def probe_after(self, rid: str | None) -> None:
+        """A probe, accepting at most one `bad_request` error for `rid` before its answer."""
+        self.probes += 1
+        probe = f"probe-{self.probes}"
+        self.ws.send(json.dumps({"type": "cancel", "id": probe}))
+        frame = self.recv()
+        if frame["id"] != probe:
+            assert (frame["type"], frame["id"], frame["code"]) == ("error", rid, "bad_request"), frame
+            frame = self.recv()
+        assert (frame["type"], frame["id"], frame["code"]) == ("error", probe, "unknown_id"), frame
+
     def reopen_if_closed(self) -> None:
         try:
             self.ws.ping().wait(10)
@@ -99,9 +110,14 @@ def send_and_check(session: Session, raw: str | bytes) -> None:
         frame = json.loads(raw) if isinstance(raw, str) else None
     except ValueError:
         frame = None
-    is_request = frame is not None and CLIENT_FRAME.is_valid(frame) and frame["type"] != "cancel"
+    is_request = frame is not None and CLIENT_FRAME.is_valid(frame) and frame["type"] not in ("cancel", "edit")
     session.ws.send(raw)
     rid = valid_id(frame)
+    if frame is not None and CLIENT_FRAME.is_valid(frame) and frame["type"] == "edit":
+        # An edit is recorded without an answer, or refused (bad_request with its id: end before start,
+        # text that is not valid Unicode, a cursor past the document); the probe's answer comes next.
+        session.probe_after(rid)
+        return
     if is_request:
         # The request runs (that is what is being tested); to keep model time bounded it is cancelled
         # at its first draft. It ends in exactly one final frame: done, cancelled, or a refusal
@@ -141,23 +157,31 @@ def send_and_check(session: Session, raw: str | bytes) -> None:
 
 # ---------------------------------------------------------------------------------------------- strategies
 FIELDS = ["prefix", "suffix", "selection", "instruction", "strength", "seed", "max_new_tokens", "session",
-          "single_line"]
+          "single_line", "text", "cursor", "start", "end", "old_text", "document"]
 
 
 @st.composite
 def request_shaped(draw):
     """A request object: right type and id, each field present or not, of the right type or not."""
-    kind = draw(st.sampled_from(["infill", "rewrite", "cancel", "INFILL", "", "rewrite "]))
+    kind = draw(st.sampled_from(["infill", "rewrite", "next_edit", "edit", "cancel", "INFILL", "", "rewrite "]))
     frame = {"type": kind, "id": draw(st.one_of(st.text(min_size=1, max_size=12), any_text, huge_int))}
     for name in draw(st.lists(st.sampled_from(FIELDS + ["extra", "type"]), max_size=6, unique=True)):
         good = {"prefix": any_text, "suffix": any_text, "selection": any_text, "instruction": any_text,
                 "session": any_text, "strength": st.floats(0, 1), "seed": huge_int,
-                "max_new_tokens": huge_int, "single_line": st.booleans()}.get(name)
+                "max_new_tokens": huge_int, "single_line": st.booleans(), "text": any_text, "old_text": any_text,
+                "document": any_text, "cursor": st.integers(0, 40), "start": st.integers(0, 40),
+                "end": st.integers(0, 40)}.get(name)
         frame[name] = draw(st.one_of(good, field_value) if good is not None else field_value)
     if draw(st.booleans()) and kind in ("infill", "rewrite"):
         frame.setdefault("prefix", draw(any_text))
         if kind == "rewrite":
             frame.setdefault("selection", draw(any_text))
+    if draw(st.booleans()) and kind in ("next_edit", "edit"):
+        frame.setdefault("text", draw(any_text))
+        frame.setdefault("cursor" if kind == "next_edit" else "start", draw(st.integers(0, 40)))
+        if kind == "edit":
+            frame.setdefault("session", draw(any_text))
+            frame.setdefault("end", draw(st.integers(0, 40)))
     return frame
 
 

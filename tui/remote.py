@@ -14,6 +14,7 @@ only the middle's tokens when connected.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -69,6 +70,8 @@ class RemoteEngine:
         # One request at a time on the connection, its cancel drain included: a new request (a new
         # worker thread) waits until the previous one has read its last frame.
         self._busy = threading.Lock()
+        # the last edit frames sent: the service answers one only to refuse it
+        self._edit_ids: collections.deque[str] = collections.deque(maxlen=512)
         self.name = url
 
     def connect(self) -> "RemoteEngine":
@@ -126,9 +129,10 @@ class RemoteEngine:
     def record_edit(self, session: str, edit: TextEdit) -> None:
         """An `edit` frame: the service keeps the connection's edit history of `session`. Sent at once
         (websockets serialises sends), never waiting for a request in flight; a refusal comes back as
-        an `error` frame with this id, which the requests' readers skip."""
+        an `error` frame with this id, which the next request's reader raises (it is shown)."""
         frame = {"type": "edit", "id": uuid.uuid4().hex, "session": session, "start": edit.start, "end": edit.end,
                  "text": edit.text, "old_text": edit.old_text}
+        self._edit_ids.append(frame["id"])
         try:
             self._connection().send(json.dumps(frame))
         except (ConnectionClosed, OSError) as e:
@@ -148,6 +152,10 @@ class RemoteEngine:
             ws.send(json.dumps({"id": rid, **body}))
             while True:
                 frame = self._receive(ws)
+                if frame.get("id") in self._edit_ids and frame.get("type") == "error":
+                    self._edit_ids.remove(frame["id"])
+                    raise RemoteError(frame.get("code", "error"),
+                                      f"the service refused an edit: {frame.get('message', '')}")
                 if frame.get("id") != rid:
                     continue  # a late frame of an earlier request
                 kind = frame.get("type")

@@ -68,7 +68,11 @@ def record_changes(ls: DgEditServer, uri: str) -> None:
         else:
             edits = [TextEdit(start=change.start, end=change.end, text=change.text, old_text=change.old_text)]
         for edit in edits:
-            engine.record_edit(uri, edit)
+            try:
+                engine.record_edit(uri, edit)
+            except ValueError as e:  # text the engine refuses (a lone surrogate): not history, said in the log
+                logger.info("edit of %s not recorded: %s", uri, e)
+                continue
             last = edit
     if last is not None:
         ls.edit_cursor[uri] = last.start + len(last.text)
@@ -83,8 +87,11 @@ def prepare(ls: DgEditServer, uri: str) -> None:
         return
     source = doc.source
     cursor = min(ls.edit_cursor[uri], len(source))
-    engine.prepare_next_edit(uri, source, cursor, seed=0, sampling=dict(ls.settings.sampling),
-                             extra=other_documents(ls, uri))
+    try:
+        engine.prepare_next_edit(uri, source, cursor, seed=0, sampling=dict(ls.settings.sampling),
+                                 extra=other_documents(ls, uri))
+    except ValueError as e:  # a text the engine refuses: a request there is answered with the reason
+        logger.info("next edit of %s not prepared: %s", uri, e)
 
 
 def forget(ls: DgEditServer, uri: str) -> None:

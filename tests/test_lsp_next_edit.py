@@ -248,3 +248,14 @@ async def test_edits_made_while_the_model_loads_still_aim_the_first_suggestion(m
         assert [(e["start"], e["end"], e["text"], e["old_text"]) for e in history] == [(start, start + 5, "total", "count")]
     finally:
         await h.stop()
+
+
+async def test_text_the_engine_refuses_is_not_history_and_the_server_lives_on(lsp):
+    uri = lsp.open("x = 1\n")
+    lsp.change(uri, t.Range(start=pos(0, 4), end=pos(0, 5)), "\ud800")  # a lone surrogate (JSON allows it)
+    assert await edit_history(lsp, uri) == []
+    with pytest.raises(JsonRpcException) as info:
+        await inline_edit(lsp, uri, pos(0, 0))
+    assert info.value.code == -32602  # the engine's reason, as invalid params
+    lsp.change(uri, t.Range(start=pos(1, 0), end=pos(1, 0)), "y = 2\n")  # an edit away from it is history
+    assert [e["text"] for e in await edit_history(lsp, uri)] == ["y = 2\n"]

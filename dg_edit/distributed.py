@@ -463,6 +463,26 @@ class ParallelEngine:
 
         return Engine.infill_ids(self, *args, **kwargs)
 
+    def stream_next_edit(self, *args, **kwargs) -> Iterator:
+        """Built on rank 0 (its edit histories, window and prompt), run as a mirrored `stream_rewrite`."""
+        from .engine import Engine
+
+        return Engine.stream_next_edit(self, *args, **kwargs)
+
+    def next_edit(self, *args, **kwargs):
+        from .engine import Engine
+
+        return Engine.next_edit(self, *args, **kwargs)
+
+    def _next_edit_events(self, *args, **kwargs) -> Iterator:
+        from .engine import Engine
+
+        return Engine._next_edit_events(self, *args, **kwargs)
+
+    def prepare_next_edit(self, session: str, text: str, cursor: int, **kwargs) -> None:
+        """Off under --parallel, as idle prefill: a background request on rank 0 alone would run collectives
+        the other ranks never join. A next-edit request is answered when asked."""
+
     def forget(self, session: str) -> None:
         self._leader.call("forget", self._id, session)
 

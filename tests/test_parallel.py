@@ -201,6 +201,11 @@ async def _frames(ws, request_ids: set[str]) -> dict[str, dict]:
     return finals
 
 
+NEXT_EDIT_TEXT = "def mean(values):\n    total = 0\n    for v in values:\n        count += v\n    return count\n"
+NEXT_EDIT_DONE = {"start": NEXT_EDIT_TEXT.index("total"), "end": NEXT_EDIT_TEXT.index("total") + 5, "text": "total",
+                  "old_text": "count"}
+
+
 def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank(model_dir, reference, requests,
                                                                                 tmp_path):
     launch = Launch(["serve", "--port", "0", "--parallel", "tp", "--model", str(model_dir)], tmp_path / "serve.log",
@@ -220,6 +225,11 @@ def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank
                 await ws.send(json.dumps({"type": "rewrite", "id": "rw", "prefix": prefix, "selection": selection,
                                           "suffix": suffix, "seed": seed}))
                 finals = await _frames(ws, {"i0", "i1", "i2", "rw"})
+                # next-edit: the history and prompt are rank 0's, the rewrite runs on every rank
+                await ws.send(json.dumps({"type": "edit", "id": "e", "session": "m.py", **NEXT_EDIT_DONE}))
+                await ws.send(json.dumps({"type": "next_edit", "id": "ne", "text": NEXT_EDIT_TEXT,
+                                          "cursor": NEXT_EDIT_DONE["start"] + 5, "session": "m.py"}))
+                finals.update(await _frames(ws, {"ne"}))
                 # a slow request (0.5 s a step, every rank), cancelled after its second step
                 await ws.send(json.dumps({"type": "infill", "id": "slow", "prefix": faults.MARKER + "\n" + PREFIX,
                                           "max_new_tokens": 64, "seed": 5}))
@@ -245,6 +255,12 @@ def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank
             finals[f"i{i}"]
     prefix, selection, suffix, seed = REWRITE
     assert finals["rw"].get("text") == reference.rewrite(prefix, selection, suffix, seed=seed).text, finals["rw"]
+    from dg_edit.edits import TextEdit
+
+    expected = reference.next_edit(NEXT_EDIT_TEXT, NEXT_EDIT_DONE["start"] + 5, session="ne-reference",
+                                   edits=[TextEdit(**NEXT_EDIT_DONE)])
+    assert finals["ne"]["type"] == "done" and finals["ne"]["steps"] > 0, finals["ne"]
+    assert (finals["ne"]["text"], finals["ne"]["window"]) == (expected.text, list(expected.window)), finals["ne"]
     expected_passes = reference.decoder_passes["n"] - passes_before
     counts = rank_counts(launch.log())
     assert set(counts) == {0, 1} and counts[0] == counts[1], launch.log()  # every rank ran the same passes

@@ -15,7 +15,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.workspace import TextDocument
 
-from . import prefill
+from . import next_edit, prefill
 from .state import DgEditServer
 
 
@@ -31,9 +31,13 @@ class Cursor:
 
 
 def on_open_or_change(ls: DgEditServer, params: types.DidOpenTextDocumentParams | types.DidChangeTextDocumentParams):
-    """didOpen and didChange: the text is already updated by pygls; older requests are now stale, and
-    the new text is prefilled once the editor is quiet."""
+    """didOpen and didChange: the text is already updated by pygls; older requests are now stale, the
+    edits go to the engine's history, and once the editor is quiet the new text is prefilled and the
+    next edit prepared."""
     ls.document_changed(params.text_document.uri, params.text_document.version)
+    if isinstance(params, types.DidChangeTextDocumentParams):
+        next_edit.record_changes(ls, params.text_document.uri)
+        next_edit.prepare(ls, params.text_document.uri)
     if isinstance(params, types.DidOpenTextDocumentParams):
         prefill.schedule_all(ls)  # a new document is context for the others (`context`)
     prefill.schedule(ls, params.text_document.uri)  # last: the most recent, prefilled first
@@ -42,6 +46,7 @@ def on_open_or_change(ls: DgEditServer, params: types.DidOpenTextDocumentParams 
 def on_close(ls: DgEditServer, params: types.DidCloseTextDocumentParams):
     uri = params.text_document.uri
     ls.document_changed(uri, None)
+    next_edit.forget(ls, uri)
     engine = ls.host.loaded()
     if engine is not None:
         engine.forget(uri)
@@ -94,6 +99,24 @@ def offset_at(doc: TextDocument, position: types.Position) -> int:
     if position.line == len(doc.lines):
         return len(doc.source)
     return doc.offset_at_server_position(doc.position_from_client_units(position))
+
+
+def position_at(doc: TextDocument, offset: int) -> types.Position:
+    """The client position (negotiated encoding) of index `offset` into `doc.source`; the end of the
+    text is the end of its last line (pygls's own conversion puts it on a line past the end)."""
+    row, start = 0, 0
+    lines = doc.lines
+    for row, line in enumerate(lines):
+        content = len(line.rstrip("\r\n"))
+        if offset <= start + content or row == len(lines) - 1 and offset <= start + len(line):
+            break
+        start += len(line)
+    else:
+        return types.Position(line=0, character=0)
+    if offset > start + len(lines[row].rstrip("\r\n")):  # after the final line break
+        return types.Position(line=row + 1, character=0)
+    column = doc.position_codec.client_num_units(lines[row][: offset - start])
+    return types.Position(line=row, character=column)
 
 
 def cursor_at(ls: DgEditServer, uri: str, position: types.Position) -> Cursor:

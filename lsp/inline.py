@@ -8,6 +8,10 @@
   Otherwise each item is inserted at the cursor (an empty range there).
 - Each item carries the command `dg-edit.accepted` (arguments `[{uri, version, requestId, index,
   length}]`), which the editor runs when the user accepts it; the server counts acceptances.
+- A suggested next edit (`next_edit.py`) already computed for this version and cursor, on the
+  cursor's line and covering the cursor, comes back as one more item (the last), with the edit's
+  `range` and arguments `kind: "next_edit"`. It is never computed here: a completion must not wait
+  for a second model call.
 - Documents whose languageId is not enabled (`settings.languages`) get an empty list.
 """
 
@@ -18,7 +22,7 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
-from . import documents
+from . import documents, next_edit
 from .progress import StepReporter
 from .runner import infill_texts
 from .state import DgEditServer
@@ -50,8 +54,14 @@ async def inline_completion(ls: DgEditServer, params: types.InlineCompletionPara
                           params.work_done_token) as reporter:
             texts = await infill_texts(ls, cursor, count, reporter, record)
             ls.check_current(uri, cursor.version)
-    record["items"] = len(texts)
+        edit = _edit_at_cursor(ls, cursor) if selected is None else None
+    record["items"] = len(texts) + (edit is not None)
     ls.stats.recent.append(record)
+    items = [types.InlineCompletionItem(
+        insert_text=edit.text, range=next_edit.lsp_range(doc, edit),
+        command=types.Command(title="dg-edit: next edit accepted", command=ACCEPTED, arguments=[
+            {"uri": uri, "version": cursor.version, "requestId": ls.protocol.msg_id, "kind": "next_edit",
+             "index": 0, "length": len(edit.text)}]))] if edit is not None else []
     return types.InlineCompletionList(items=[
         types.InlineCompletionItem(
             insert_text=lead + text,
@@ -62,7 +72,14 @@ async def inline_completion(ls: DgEditServer, params: types.InlineCompletionPara
                             "index": i, "length": len(lead + text)}]),
         )
         for i, text in enumerate(texts)
-    ])
+    ] + items)
+
+
+def _edit_at_cursor(ls: DgEditServer, cursor: documents.Cursor):
+    """The remembered next-edit suggestion covering the cursor, if any (no model call)."""
+    offset = len(cursor.prefix)
+    edits = next_edit.recalled(ls, cursor.uri, cursor.version, offset) or ()
+    return next_edit.at_cursor(cursor.prefix + cursor.suffix, offset, edits)
 
 
 def accepted(ls: DgEditServer, *args: Any) -> None:

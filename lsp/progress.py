@@ -7,6 +7,9 @@ plug-ins can animate the refinement as ghost text:
 
     {"uri": str, "version": int, "requestId": <JSON-RPC id>, "step": int, "text": str, "done": bool}
 
+plus `"kind": "next_edit"` for a next-edit request, whose draft is the rewritten window, not text
+to draw at the cursor (plug-ins that animate infills skip those).
+
 Steps count up from 1. Exactly one notification with `done: true` ends every request that sent
 steps: its `text` is the final result, or "" when the request was cancelled, went stale or failed.
 """
@@ -32,7 +35,7 @@ class StepReporter:
     """Sends begin/report/end for one request; use as `with StepReporter(...) as r: r.step(ev)`."""
 
     def __init__(self, ls: DgEditServer, uri: str, version: int, request_id: Any, title: str,
-                 token: types.ProgressToken | None = None, canvas: bool = True):
+                 token: types.ProgressToken | None = None, canvas: bool = True, kind: str | None = None):
         self.ls = ls
         self.uri = uri
         self.version = version
@@ -40,6 +43,7 @@ class StepReporter:
         self.title = title
         self.token = token
         self.canvas = canvas
+        self.kind = kind
         self.last_step = 0
         self._final: str = ""
 
@@ -88,5 +92,8 @@ class StepReporter:
             self.ls.work_done_progress.tokens.pop(self.token, None)
 
     def _notify(self, step: int, text: str, done: bool) -> None:
-        self.ls.protocol.notify(CANVAS, {"uri": self.uri, "version": self.version, "requestId": self.request_id,
-                                         "step": step, "text": text, "done": done})
+        params = {"uri": self.uri, "version": self.version, "requestId": self.request_id, "step": step,
+                  "text": text, "done": done}
+        if self.kind is not None:
+            params["kind"] = self.kind
+        self.ls.protocol.notify(CANVAS, params)

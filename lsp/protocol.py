@@ -11,12 +11,18 @@
    at form feeds, vertical tabs, \x1c-\x1e, \x85 and U+2028/U+2029; LSP clients break lines only
    at \n, \r\n and \r. With such a character in a file, every position after it (and every
    incremental edit) landed on the wrong line. `LspTextDocument.lines` splits as LSP does.
+4. The edits themselves. pygls applies each didChange content change to its copy of the text before
+   any handler runs, so the text an edit replaced is gone by then. `LspTextDocument.apply_change`
+   keeps a journal of `Change`s (character offsets into the text before each change, and the text
+   replaced), which the didChange handler drains for the engine's edit history
+   (`next_edit.record_changes`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import cattrs
@@ -40,9 +46,54 @@ def _reason(exc: BaseException) -> str:
 _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 
+@dataclass(frozen=True)
+class Change:
+    """One applied content change: `old_text` at [start, end) became `text` (offsets in characters of
+    the text before it). A full sync has start = end = None and keeps that whole text in `before`."""
+
+    start: int | None
+    end: int | None
+    text: str
+    old_text: str = ""
+    before: str | None = None
+
+
+_JOURNAL_MAX = 64  # changes kept until the handler takes them (more while the model loads)
+
+
 class LspTextDocument(TextDocument):
     _lines_of: str | None = None
     _lines: tuple[str, ...] = ()
+    _journal: list[Change] | None = None
+
+    def apply_change(self, change: types.TextDocumentContentChangeEvent) -> None:
+        """pygls's change, journalled first (offsets in Python characters)."""
+        before = self.source
+        if isinstance(change, types.TextDocumentContentChangePartial) and self._is_sync_kind_incremental:
+            start, end = self._offset(change.range.start), self._offset(change.range.end)
+            entry = Change(start, end, change.text, old_text=before[start:end])
+        else:
+            entry = Change(None, None, change.text, before=before)
+        super().apply_change(change)
+        if self._journal is None:
+            self._journal = []
+        journal = self._journal
+        if entry.before is not None and journal and journal[-1].before is not None:
+            # full syncs in a row: one change from the first text to the last (two copies at most)
+            entry = Change(None, None, entry.text, before=journal.pop().before)
+        journal.append(entry)
+        del journal[:-_JOURNAL_MAX]
+
+    def take_changes(self) -> list[Change]:
+        """The changes applied since the last call (oldest first), and forget them."""
+        journal, self._journal = self._journal or [], None
+        return journal
+
+    def _offset(self, position: types.Position) -> int:
+        # The line after the last one is where pygls appends (an edit "at the very end of the file").
+        if position.line >= len(self.lines):
+            return len(self.source)
+        return self.offset_at_position(position)
 
     @property
     def lines(self) -> Sequence[str]:

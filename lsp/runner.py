@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidParams
@@ -22,10 +22,12 @@ from dg_edit.aio import aiter_events
 from dg_edit.events import Done, Step
 
 from .context import other_documents
-from .documents import Cursor
 from .engine_host import RequestFailed
 from .progress import StepReporter
 from .state import DgEditServer
+
+if TYPE_CHECKING:  # documents -> next_edit -> runner: a run-time import would be circular
+    from .documents import Cursor
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,17 @@ textDocument/inlineCompletion   InlineCompletionParams → InlineCompletionList
     suffix), the rest of that answer comes back without a model call (stats record typed_ahead).
     Open documents are prefilled while the editor is quiet (idle_prefill_ms), so a request anywhere
     in them encodes only the chunk holding its cursor.
+    When a next-edit suggestion was already computed for this version and cursor (below) and one of
+    its edits lies on the cursor's line and covers the cursor, it comes last, as an item whose
+    range is the edit's range (arguments kind "next_edit"); no model call is made for it.
+textDocument/copilotInlineEdit  {textDocument: {uri, version}, position, workDoneToken?} →
+    {edits: [{range, text, textDocument: {uri, version}, command: dg-edit.accepted [{uri, version,
+    requestId, kind: "next_edit", index, length}]}]}: the edits the user will likely make next near
+    the position (Engine.next_edit, aimed by the document's edit history, which every didChange
+    feeds). The version must be the document's current one; a stale version, or a document changed
+    while the model ran, answers {edits: []}. Answers at once when the engine prepared it while the
+    editor was quiet (after each didChange the document is handed over with the cursor at the end of
+    the last edit). dgEdit/canvas and $/progress as for inline completion; errors as below.
 textDocument/completion         fallback: one item (none if the infill is empty), label = its first
                                 line, textEdit inserts the infill at the cursor; isIncomplete = true.
 textDocument/codeAction         non-empty range → [{title: "Rewrite selection (dg-edit)",
@@ -50,7 +61,9 @@ dgEdit/stats                    (custom, no params) → {requests, completed, ca
                                 cached, encoded, prefix_tokens, steps, typed_ahead, items|applied}],
                                 cache: null | {bytes_per_token, budget_bytes, bytes, window_tokens,
                                 documents: [{session (the uri), strips, tokens, bytes}], prefill: {pending, running,
-                                encoded, passes, budget_full, error}}}
+                                encoded, passes, budget_full, error}},
+                                next_edit: {history: null | [{uri, edits: [{start, end, text, old_text, score}]}],
+                                prepared_all: null | bool (no next-edit preparation pending or running)}}
 $/cancelRequest                 stops the denoising loop within one step; answer: error -32800.
 
 Notifications (server → client)
@@ -61,7 +74,8 @@ dgEdit/canvas    {uri, version, requestId, step, text, done}: one per denoising 
                  text ("" if the request was cancelled, went stale or failed; step 0 when the answer
                  came from memory). requestId is the JSON-RPC id of the request
                  (inlineCompletion / completion / executeCommand). For Invoked inline completions
-                 only the first candidate's steps are sent.
+                 only the first candidate's steps are sent. Next-edit requests add kind: "next_edit"
+                 (their draft is the rewritten window).
 $/progress       work-done begin / report "step i/N" (percentage) / end, on the client's
                  workDoneToken (inline completion, completion) or a server-created token
                  (window/workDoneProgress/create, for the commands, if the client supports it).
@@ -109,11 +123,11 @@ from dg_edit.startup import add_model_arguments, load_engine, load_options, sett
 from dg_edit.distributed import add_parallel_arguments
 from dg_edit.config import Settings
 
-from . import completion, config, documents, inline, rewrite, stats
+from . import completion, config, documents, inline, next_edit, rewrite, stats
 from .engine_host import EngineHost, preload_imports
 from .state import DgEditServer
 
-FEATURES = (documents, config, inline, completion, rewrite, stats)
+FEATURES = (documents, config, inline, completion, rewrite, next_edit, stats)
 
 
 def build_server(settings: Settings | None = None, host: EngineHost | None = None) -> DgEditServer:

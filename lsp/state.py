@@ -71,6 +71,10 @@ class DgEditServer(LanguageServer):
         # (uri, version, cursor digest...) -> (distinct infills, seeds tried); dropped when the document moves on
         self.results: collections.OrderedDict[tuple, tuple[list[str], int]] = collections.OrderedDict()
         self.prefill_waiting: asyncio.Future | None = None  # prefill.schedule_all, until the engine is ready
+        # next_edit: suggested edits per (uri, version, cursor offset), and where each document's last
+        # edit ended (the cursor an editor most likely has when it goes quiet)
+        self.next_edits: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        self.edit_cursor: dict[str, int] = {}
 
     # ------------------------------------------------------------------ remembered results
     def recall(self, key: tuple) -> tuple[list[str], int]:
@@ -85,10 +89,18 @@ class DgEditServer(LanguageServer):
         while len(self.results) > _MAX_RESULTS:
             self.results.popitem(last=False)
 
+    def remember_next_edits(self, key: tuple, edits: tuple) -> None:
+        self.next_edits[key] = edits
+        self.next_edits.move_to_end(key)
+        while len(self.next_edits) > _MAX_RESULTS:
+            self.next_edits.popitem(last=False)
+
     def forget_results(self, uri: str | None = None) -> None:
         """Drop remembered results of `uri` (all documents when None, e.g. after a settings change)."""
         for key in [k for k in self.results if uri is None or k[0] == uri]:
             del self.results[key]
+        for key in [k for k in self.next_edits if uri is None or k[0] == uri]:
+            del self.next_edits[key]
 
     # ------------------------------------------------------------------ versions
     def current_version(self, uri: str) -> int | None:

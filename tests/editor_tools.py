@@ -27,6 +27,11 @@ def editor_tools() -> dict:
         problem = f"{paths_file} not found"
     else:
         tools = json.loads(paths_file.read_text())
+        # The .vsix this checkout built (install-test-deps.sh builds it in editors/vscode): the tests
+        # test this checkout's extension, even where paths.json names another checkout's.
+        own = REPO / "editors" / "vscode" / "dg-edit.vsix"
+        if own.exists():
+            tools["vsix"] = str(own)
         for key in ("node", "code_server", "nvim", "vsix"):
             if not Path(tools[key]).exists():
                 problem = f"{key} missing: {tools[key]}"

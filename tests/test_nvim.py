@@ -33,12 +33,15 @@ def nvim() -> str:
 
 # name -> (source text, cursor row, extra options for the scenario)
 REWRITE_SOURCE = "import os\nvalues = [x * 2 for x in range(10)]\nprint(values)\n"
+RENAME_SOURCE = "def total_price(items):\n    count = 0\n    for item in items:\n        count += item.price\n    return count\n"
 SCENARIOS = {
     "accept": {},
     "cancel_on_type": {},
     "stale_answer": {},
     "auto_trigger": {"auto_trigger": True, "debounce_ms": 50},
     "rewrite": {"source": REWRITE_SOURCE, "row": 2},
+    "next_edit": {"source": RENAME_SOURCE, "row": 2, "next_edit": True, "next_edit_debounce_ms": 50},
+    "next_edit_dismiss": {"source": RENAME_SOURCE, "row": 2, "next_edit": True, "next_edit_debounce_ms": 50},
 }
 
 
@@ -56,7 +59,7 @@ def session(nvim, model_dir, tmp_path_factory) -> dict:
         options = dict(options)
         source = tmp_path / f"{name}.py"
         source.write_text(options.pop("source", SOURCE))
-        scenarios.append({"name": name, "file": str(source), "row": CURSOR_ROW, **options})
+        scenarios.append({"name": name, "file": str(source), "row": options.pop("row", CURSOR_ROW), **options})
     out = tmp_path / "results.json"
     spec = {"cmd": lsp_command(model_dir), "out": str(out), "scenarios": scenarios,
             "lsp": {"flags": {"debounce_text_changes": 20000}}}
@@ -158,6 +161,60 @@ def test_rewrite_command_replaces_the_visual_selection(session):
     # The server's rewrite replaced exactly the selected line; its neighbours are kept as they were.
     assert obs["after"] == "import os\n" + text + "\nprint(values)"
     assert obs["stats"]["errors"] == obs["stats_before"]["errors"]
+
+
+def _apply(text: str, edit: dict, encoding: str) -> str:
+    """Apply an LSP edit to `text` (lines joined by \n) in the client's position encoding."""
+    lines = text.split("\n")
+
+    def offset(p: dict) -> int:
+        line = lines[p["line"]]
+        unit = {"utf-8": "utf-8", "utf-16": "utf-16-le", "utf-32": "utf-32-le"}[encoding]
+        width = {"utf-8": 1, "utf-16": 2, "utf-32": 4}[encoding]
+        col = len(line.encode(unit)[: p["character"] * width].decode(unit))
+        return sum(len(x) + 1 for x in lines[: p["line"]]) + col
+
+    return text[: offset(edit["range"]["start"])] + edit["text"] + text[offset(edit["range"]["end"]):]
+
+
+@pytest.mark.timeout(600)
+def test_next_edit_is_shown_after_a_rename_and_tab_jumps_then_accepts(session):
+    obs = scenario(session, "next_edit")
+    edit = obs["shown_edit"]
+    # What is drawn is the server's first edit for the version on screen, and the buffer is untouched.
+    server = obs["server_edit"][0]  # asked again: the same edit (its command names the other request)
+    assert (edit["range"], edit["text"], edit["textDocument"]) == (server["range"], server["text"], server["textDocument"])
+    assert obs["shown_version"] == obs["version_now"] == edit["textDocument"]["version"]
+    assert obs["buffer_while_shown"] == obs["before"]
+    assert obs["before"].splitlines()[1] == "    total = 0"
+    # The replaced range is highlighted and the new text drawn beside it (after the range's end).
+    marks = obs["marks"]
+    drawn = [m for m in marks if m.get("text") is not None]
+    assert len(drawn) == 1 and drawn[0]["text_hl"] == "DgEditNextEditNew"
+    assert drawn[0]["text"] == (edit["text"] or " ")
+    start, end = edit["range"]["start"], edit["range"]["end"]
+    highlighted = [m for m in marks if m.get("hl") == "DgEditNextEditOld"]
+    if start != end:
+        assert len(highlighted) == 1 and highlighted[0]["row"] == start["line"] and highlighted[0]["end_row"] == end["line"]
+    else:
+        assert highlighted == []
+    # <Tab> off the suggestion jumps to its start; <Tab> on it applies exactly the edit, in one undo step.
+    assert obs["cursor_before_jump"][0] != obs["cursor_after_jump"][0]
+    assert obs["cursor_after_jump"][0] == start["line"] + 1 and obs["visible_after_jump"] is True
+    assert obs["after_accept"] == _apply(obs["before"], edit, obs["offset_encoding"])
+    assert obs["marks_after_accept"] == []
+    assert obs["after_undo"] == obs["before"]
+    # Accepting ran the edit's command: the server counted it.
+    assert obs["stats_after_accept"]["accepted"] == obs["stats_before"]["accepted"] + 1
+
+
+@pytest.mark.timeout(600)
+def test_next_edit_key_asks_escape_dismisses_and_stale_answers_are_dropped(session):
+    obs = scenario(session, "next_edit_dismiss")
+    assert obs["visible_before_dismiss"] is True
+    assert obs["marks_after_dismiss"] == [] and obs["buffer_after_dismiss"] == obs["before"]
+    assert obs["sent"] is True
+    assert obs["visible_after_stale"] is False and obs["marks_after_stale"] == []
 
 
 @pytest.mark.timeout(60)

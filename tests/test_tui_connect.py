@@ -183,3 +183,44 @@ def test_the_tui_names_its_file_for_a_load_balancer(tmp_path):
 
     assert len(seen) == 1 and seen[0] is not None and seen[0].isascii(), seen
     assert unquote(seen[0]) == str(path.resolve())
+
+
+async def test_next_edit_through_the_service(tmp_path, server):
+    """The TUI's edits travel as `edit` frames and f4 as a `next_edit` request; the suggestion's edits
+    come back in the `done` frame, are shown as a diff and applied with tab."""
+    from test_tui_next_edit import RENAME, RENAMED, rename, suggestion_after
+
+    path = tmp_path / "prices.py"
+    path.write_text(RENAME)
+    app = connected_app(path, server)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == "ready", what="the connection")
+        await rename(pilot, app)
+        assert not app.status.error, app.status.message  # every edit frame was accepted
+        suggestion = await suggestion_after(pilot, app, "f4")
+        edit = suggestion.edit
+        assert suggestion.text == RENAMED and RENAMED[edit.start: edit.end] == edit.old_text
+        await pilot.press("tab")
+        await pilot.pause()
+        assert app.editor.text == RENAMED[: edit.start] + edit.text + RENAMED[edit.end:]
+
+
+def test_a_refused_edit_is_raised_by_the_next_request(server):
+    """The service refuses an edit whose offsets do not fit (end before start); the refusal is not
+    lost: the next request on the connection raises it, and the TUI shows that error."""
+    from dg_edit.edits import TextEdit
+
+    engine = RemoteEngine(server.ws_url).connect()
+    try:
+        bad = TextEdit(0, 0, "x")
+        # TextEdit refuses end < start itself; forged past that check, as a buggy client might send it
+        object.__setattr__(bad, "start", 7)
+        object.__setattr__(bad, "end", 5)
+        engine.record_edit("doc", bad)
+        with pytest.raises(RemoteError) as info:
+            list(engine.stream_next_edit("x = 1\n", 0, session="doc"))
+        assert "refused an edit" in str(info.value)
+        done = list(engine.stream_next_edit("x = 1\ny = 2\n", 0, session="doc"))[-1]  # the connection goes on
+        assert done.edits is not None
+    finally:
+        engine.close()

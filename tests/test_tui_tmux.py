@@ -130,3 +130,37 @@ def test_bad_file_gets_a_message_not_a_traceback(tmp_path, terminal, model_dir):
     screen = terminal.wait_for("EXITED")
     assert "EXITED 2" in screen and "Traceback" not in screen
     assert path.read_bytes() == b"name = 'caf\xe9'\n"
+
+
+def test_next_edit_diff_and_tab_in_a_real_terminal(tmp_path, terminal, model_dir):
+    """Rename a variable key by key; f4 shows the model's next edit as a -/+ diff under the editor,
+    tab applies it, and the saved file has the + lines the screen showed."""
+    source = "def total_price(items):\n    count = 0\n    for item in items:\n        count += item.price\n    return count\n"
+    path = tmp_path / "prices.py"
+    path.write_text(source)
+    terminal.start(tui_command(path, model_dir))
+    assert "ready" in terminal.wait_for("ready", "no model")
+    terminal.keys("Down", "End", *["Left"] * 4, *["BSpace"] * 5, *"total")
+    renamed = source.replace("    count = 0", "    total = 0", 1)
+    terminal.wait_for("total = 0")
+    terminal.keys("F4")
+    screen = terminal.wait_for("next edit at line", "suggests nothing", "next edit failed")
+    assert "next edit at line" in screen, screen
+    assert "tab applies" in screen and "escape dismisses" in screen
+    shown = [line.strip() for line in screen.splitlines()]
+    added = [line[2:] for line in shown if line.startswith("+ ")]
+    removed = [line[2:] for line in shown if line.startswith("- ")]
+    assert added and removed, screen
+    assert path.read_text() == source  # nothing written, and the buffer not changed by the suggestion
+    terminal.keys("Tab")
+    terminal.wait_for("next edit applied")
+    assert "next edit at line" not in terminal.screen()
+    terminal.keys("C-s")
+    terminal.wait_for("saved ")
+    saved = path.read_text()
+    assert saved != renamed
+    saved_lines = [line.strip() for line in saved.splitlines()]
+    assert all(line.strip() in saved_lines for line in added if line.strip()), (added, saved)
+    terminal.keys("C-q")
+    screen = terminal.wait_for("EXITED")
+    assert "EXITED 0" in screen and "Traceback" not in screen

@@ -31,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 
 SOURCE = 'import math\n\n\ndef area(radius):\n    """Area of a circle."""\n    return \n\n\nprint(area(2.0))\n'
 REWRITE_SOURCE = "import os\nvalues = [x * 2 for x in range(10)]\nprint(values)\n"
+RENAME_SOURCE = "def total_price(items):\n    count = 0\n    for item in items:\n        count += item.price\n    return count\n"
 LINE, PREFIX_END = 6, "    return "  # the cursor goes to the end of line 6
 GHOST = ".monaco-editor .ghost-text-decoration, .monaco-editor .ghost-text"
 
@@ -91,6 +92,7 @@ def code_server(tmp_path_factory, model_dir):
     source = dirs["workspace"] / "example.py"
     source.write_text(SOURCE)
     (dirs["workspace"] / "rewrite_me.py").write_text(REWRITE_SOURCE)
+    (dirs["workspace"] / "rename_me.py").write_text(RENAME_SOURCE)
 
     env = server_env()
     env.update(XDG_CONFIG_HOME=str(dirs["config"]), XDG_DATA_HOME=str(dirs["data"]),
@@ -280,3 +282,125 @@ def test_rewrite_selection_command_replaces_the_selection(code_server, page):
     page.screenshot(path=str(ARTIFACTS / "vscode-rewrite.png"))
     # Exactly the selected line was replaced by the server's text; its neighbours are untouched.
     assert target.read_text() == expected
+
+
+def next_edit_answers(tee_log: Path, uri_suffix: str) -> list[tuple[int, dict]]:
+    """(version asked for, result) of every textDocument/copilotInlineEdit the server answered."""
+    asked = {m["id"]: m["params"]["textDocument"]["version"] for m in read_tee_log(tee_log, "client")
+             if m.get("method") == "textDocument/copilotInlineEdit"
+             and m["params"]["textDocument"]["uri"].endswith(uri_suffix)}
+    return [(asked[m["id"]], m["result"]) for m in read_tee_log(tee_log) if m.get("id") in asked and "result" in m]
+
+
+def inline_answered(tee_log: Path, uri_suffix: str, version: int) -> bool:
+    """Whether every inline completion asked for `version` of the document has been answered."""
+    versions, current = {}, None
+    for m in read_tee_log(tee_log, "client"):
+        if m.get("method") in ("textDocument/didOpen", "textDocument/didChange") \
+                and m["params"]["textDocument"]["uri"].endswith(uri_suffix):
+            current = m["params"]["textDocument"]["version"]
+        elif m.get("method") == "textDocument/inlineCompletion" and m["params"]["textDocument"]["uri"].endswith(uri_suffix):
+            versions[m["id"]] = current
+    asked = {i for i, v in versions.items() if v == version}
+    answered = {m.get("id") for m in read_tee_log(tee_log) if "result" in m or "error" in m}
+    return asked <= answered
+
+
+def last_version(tee_log: Path, uri_suffix: str) -> int | None:
+    versions = [m["params"]["textDocument"]["version"] for m in read_tee_log(tee_log, "client")
+                if m.get("method") in ("textDocument/didOpen", "textDocument/didChange")
+                and m["params"]["textDocument"]["uri"].endswith(uri_suffix)]
+    return versions[-1] if versions else None
+
+
+def _apply_utf16(text: str, edit: dict) -> str:
+    lines = text.split("\n")
+
+    def offset(p: dict) -> int:
+        line = lines[p["line"]].encode("utf-16-le")[: 2 * p["character"]].decode("utf-16-le")
+        return sum(len(x) + 1 for x in lines[: p["line"]]) + len(line)
+
+    return text[: offset(edit["range"]["start"])] + edit["text"] + text[offset(edit["range"]["end"]):]
+
+
+@pytest.mark.timeout(420)
+def test_next_edit_is_decorated_after_a_rename_and_tab_applies_it(code_server, page):
+    """Rename a variable; once the editor is quiet the server's next edit is drawn (old text struck
+    through, new text after it) without touching the file; Tab applies exactly that edit."""
+    target = code_server["workspace"] / "rename_me.py"
+    # Ghost text would own Tab (inline suggestions come first): off for this test.
+    settings_file = code_server["settings_file"]
+    settings = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**settings, "editor.inlineSuggest.enabled": False}, indent=2))
+    try:
+        time.sleep(1.5)  # VS Code picks up the settings file change
+        open_file_at(page, "rename_me.py", 2)
+        # The client is running (sparkle), so the edit below reaches the server as didChange.
+        page.locator(".statusbar-item", has_text="dg-edit").locator(".codicon-sparkle, .codicon-check").first.wait_for(
+            state="visible", timeout=90_000)
+        page.keyboard.press("Home")  # the first non-blank character: "count"
+        page.keyboard.press("Control+Shift+ArrowRight")
+        page.keyboard.type("total")
+        renamed = RENAME_SOURCE.replace("    count = 0", "    total = 0", 1)
+        deadline = time.monotonic() + 180
+        shown = None
+        while time.monotonic() < deadline and shown is None:
+            version = last_version(code_server["tee_log"], "rename_me.py")
+            answers = [r for v, r in next_edit_answers(code_server["tee_log"], "rename_me.py") if v == version]
+            if answers and answers[-1]["edits"]:
+                shown = answers[-1]["edits"][0]
+            elif answers and not answers[-1]["edits"]:
+                pytest.fail(f"the server answered with no edit: {answers[-1]}")
+            time.sleep(0.3)
+        assert shown is not None, "no copilotInlineEdit answer for the renamed text"
+        assert shown["textDocument"]["version"] == last_version(code_server["tee_log"], "rename_me.py")
+        # On screen: the new text right after the replaced range, on the range's last line ...
+        end = shown["range"]["end"]
+        line = renamed.split("\n")[end["line"]]
+        cut = len(line.encode("utf-16-le")[: 2 * end["character"]].decode("utf-16-le"))
+        expected = _visible(line[:cut] + shown["text"].replace("\n", " ") + line[cut:])
+        rows = page.locator(".monaco-editor[data-uri$='rename_me.py'] .view-line")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and expected not in [_visible(t) for t in rows.all_inner_texts()]:
+            time.sleep(0.2)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "vscode-next-edit.png"))
+        assert expected in [_visible(t) for t in rows.all_inner_texts()], (shown, rows.all_inner_texts())
+        # ... and the replaced text struck through.
+        start = shown["range"]["start"]
+        if start != end and start["line"] == end["line"]:
+            struck = page.evaluate("""() => [...document.querySelectorAll(".monaco-editor .view-line span span")]
+                .filter(s => getComputedStyle(s).textDecorationLine.includes("line-through"))
+                .map(s => s.textContent).join("")""")
+            old = line[len(line.encode("utf-16-le")[: 2 * start["character"]].decode("utf-16-le")):cut]
+            assert _visible(struck) == _visible(old), (struck, old)
+        page.keyboard.press("Control+S")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and target.read_text() != renamed:
+            time.sleep(0.2)
+        assert target.read_text() == renamed  # the suggestion is not in the file
+        # An inline suggestion on screen takes Tab first (it comes first in VS Code): let the one asked
+        # for the renamed text arrive, and hide it with Escape (which then leaves the next edit alone).
+        version = last_version(code_server["tee_log"], "rename_me.py")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not inline_answered(code_server["tee_log"], "rename_me.py", version):
+            time.sleep(0.2)
+        time.sleep(0.5)
+        if page.locator(GHOST).first.is_visible():
+            page.keyboard.press("Escape")
+            page.locator(GHOST).first.wait_for(state="hidden", timeout=10_000)
+        assert expected in [_visible(t) for t in rows.all_inner_texts()], "the next edit went away"
+        page.keyboard.press("Tab")
+        page.keyboard.press("Control+S")
+        applied = _apply_utf16(renamed, shown)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and target.read_text() != applied:
+            time.sleep(0.2)
+        page.screenshot(path=str(ARTIFACTS / "vscode-next-edit-applied.png"))
+        assert target.read_text() == applied
+        # Accepting ran the edit's command: the server received dg-edit.accepted with its arguments.
+        accepted = [m for m in read_tee_log(code_server["tee_log"], "client")
+                    if m.get("method") == "workspace/executeCommand" and m["params"]["command"] == "dg-edit.accepted"]
+        assert accepted and accepted[-1]["params"]["arguments"][0]["kind"] == "next_edit"
+    finally:
+        settings_file.write_text(json.dumps(settings, indent=2))

@@ -5,6 +5,10 @@ ctrl+space / f2 infill at the cursor, ctrl+r rewrite the selection; the draft re
 ghost text, tab accepts, escape rejects (the buffer comes back byte for byte), ctrl+z undoes an
 accepted proposal, f3 shows the canvas, ctrl+s saves atomically, ctrl+q quits.
 
+Next edit: every change goes to the engine's edit history; once the user has been quiet for a
+moment (or on f4) the model suggests the edit they will make next near the cursor, shown as a
+diff under the editor; tab applies it (one undo step), escape dismisses it, typing clears it.
+
 Structure: the app owns the file and the request; `EditorArea` owns the text and the ghost region;
 model work runs in thread workers that post the core's `Step`/`Done` events back as messages, so
 the UI never waits on the model.
@@ -28,13 +32,16 @@ from textual.reactive import reactive
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
+from dg_edit.edits import TextEdit
 from dg_edit.events import Done, Step
 
 from . import files
 from .canvas_panel import CanvasPanel
 from .dialogs import ConfirmScreen, MessageScreen, RewriteRequest, RewriteScreen
+from .edit_feed import changed_edits
 from .editor import EditorArea
 from .ghost import clean_model_text, diff_counts, diff_segments, step_segments
+from .next_edit_panel import NextEditPanel, Suggestion
 from .status import StatusLine
 
 # file suffix -> tree-sitter language shipped with textual[syntax]
@@ -94,6 +101,24 @@ class ModelFailed(Message):
         self.error = error
 
 
+class NextEditDone(Message):
+    """The engine's next-edit answer for the buffer as it was at change `version`."""
+
+    def __init__(self, version: int, text: str, done: Done, asked: bool):
+        super().__init__()
+        self.version = version
+        self.text = text
+        self.done = done
+        self.asked = asked  # f4 (say when there is nothing) rather than the quiet timer
+
+
+class NextEditFailed(Message):
+    def __init__(self, version: int, error: str):
+        super().__init__()
+        self.version = version
+        self.error = error
+
+
 class EngineReady(Message):
     def __init__(self, engine: Any):
         super().__init__()
@@ -130,6 +155,7 @@ class DgEditApp(App[int]):
         Binding("escape", "reject", "Reject", priority=True),
         Binding("ctrl+z", "reject", "Reject", show=False, priority=True),
         Binding("f3", "toggle_canvas", "Canvas"),
+        Binding("f4", "next_edit", "Next edit"),
         Binding("ctrl+s", "save", "Save"),
         Binding("ctrl+q", "quit", "Quit"),
     ]
@@ -150,10 +176,16 @@ class DgEditApp(App[int]):
         self.request: Request | None = None
         self._request_ids = 0
         self._steps = StepMailbox()
+        # next edit: the committed text last seen (what the next change is diffed against), a counter
+        # of changes (an answer for an older one is dropped), the quiet timer
+        self._seen_text: str | None = None
+        self._text_version = 0
+        self._next_edit_timer = None
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
         yield EditorArea("", language=language_for(self.path), id="editor")
+        yield NextEditPanel(id="next-edit")
         yield CanvasPanel(decode=self._decode, id="canvas")
         yield StatusLine(id="status")
         yield Footer()
@@ -165,6 +197,14 @@ class DgEditApp(App[int]):
     @property
     def status(self) -> StatusLine:
         return self.query_one("#status", StatusLine)
+
+    @property
+    def next_edit_panel(self) -> NextEditPanel:
+        return self.query_one("#next-edit", NextEditPanel)
+
+    @property
+    def suggestion(self) -> Suggestion | None:
+        return self.next_edit_panel.suggestion
 
     @property
     def canvas_panel(self) -> CanvasPanel:
@@ -197,8 +237,9 @@ class DgEditApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Proposal keys only act while a proposal is pending on the main screen; else the editor gets them."""
         if action in ("accept", "reject"):
-            return self.saved_text is not None and self.editor.proposal is not None and len(self.screen_stack) == 1
-        if action in ("infill", "rewrite", "save"):
+            pending = self.editor.proposal is not None or self.suggestion is not None
+            return self.saved_text is not None and pending and len(self.screen_stack) == 1
+        if action in ("infill", "rewrite", "save", "next_edit"):
             return len(self.screen_stack) == 1 and self.saved_text is not None
         return True
 
@@ -252,6 +293,106 @@ class DgEditApp(App[int]):
             text = self.editor.committed_text()
             self.dirty = text != self.saved_text
             self._prefill(text)
+            self._record_edits(text)
+
+    # ------------------------------------------------------------------ next edit
+    def _record_edits(self, text: str) -> None:
+        """A change to the user's text: into the engine's edit history, any suggestion is gone, and once
+        the user is quiet the next edit is asked for (and prepared by the engine meanwhile)."""
+        seen, self._seen_text = self._seen_text, text
+        if seen is None or seen == text:
+            return  # the file just loaded, or a draft changed (not the user's text)
+        self._text_version += 1
+        self._show_suggestion(None)
+        record = getattr(self.engine, "record_edit", None)
+        prepare = getattr(self.engine, "prepare_next_edit", None)
+        try:
+            if record is not None:
+                for edit in changed_edits(seen, text):
+                    record(self._session, edit)
+            if prepare is not None and self.editor.proposal is None:
+                prepare(self._session, text, self._cursor_index())
+        except Exception as e:  # a service that went away (--connect): shown; the buffer is the user's still
+            self.say(f"edit history not sent: {e}", error=True)
+        if self._next_edit_timer is not None:
+            self._next_edit_timer.stop()
+        settings = getattr(self.engine, "settings", None)
+        quiet_ms = settings.idle_prefill_ms if settings is not None else 500
+        self._next_edit_timer = self.set_timer(max(quiet_ms, 50) / 1000.0, lambda: self._ask_next_edit(False))
+
+    def _show_suggestion(self, suggestion: Suggestion | None) -> None:
+        self.next_edit_panel.suggestion = suggestion
+        self.editor.tab_yields = suggestion is not None
+
+    def _cursor_index(self) -> int:
+        return self.editor.document.get_index_from_location(self.editor.selection.end)
+
+    def action_next_edit(self) -> None:
+        self._ask_next_edit(True)
+
+    def _ask_next_edit(self, asked: bool) -> None:
+        """Ask the engine for the next edit at the cursor (skipped while a proposal or request is on)."""
+        stream = getattr(self.engine, "stream_next_edit", None)
+        if stream is None or self.editor.proposal is not None or self.request is not None:
+            if asked:
+                self.say("next edit: " + ("no model is loaded" if self.engine is None else
+                                          "this model does not suggest edits" if stream is None else
+                                          "finish the pending proposal first"))
+            return
+        text, cursor, session = self.editor.text, self._cursor_index(), self._session
+        if asked:
+            self.say("next edit: asking the model")
+        self.run_next_edit(self._text_version, text, lambda: stream(text, cursor, session=session), asked)
+
+    @work(thread=True, exclusive=True, group="next_edit", exit_on_error=False)
+    def run_next_edit(self, version: int, text: str, make_events: Callable[[], Iterator[Step | Done]],
+                      asked: bool) -> None:
+        """The engine's next-edit stream off the UI thread; only its `Done` matters to the panel."""
+        worker = get_current_worker()
+        events = None
+        try:
+            events = make_events()
+            for event in events:
+                if worker.is_cancelled:
+                    break
+                if isinstance(event, Done):
+                    self.post_message(NextEditDone(version, text, event, asked))
+        except Exception as e:  # shown on the status line; the buffer is never touched
+            self.post_message(NextEditFailed(version, str(e) or type(e).__name__))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def on_next_edit_done(self, message: NextEditDone) -> None:
+        if message.version != self._text_version or self.editor.proposal is not None:
+            return  # the text moved on (or a proposal is pending): the answer is for text that is gone
+        edits = message.done.edits
+        if not edits:
+            if message.asked:
+                self.say("next edit: the model suggests nothing here")
+            return
+        self._show_suggestion(Suggestion(edits[0], message.text))
+        ms = " (prepared)" if message.done.prepared else f" ({message.done.ms:.0f} ms)"
+        self.say(f"next edit suggested at line {self.suggestion.line}{ms}: tab applies · escape dismisses")
+
+    def on_next_edit_failed(self, message: NextEditFailed) -> None:
+        if message.version == self._text_version:
+            self.say(f"next edit failed, buffer unchanged: {message.error}", error=True)
+
+    def _apply_suggestion(self) -> None:
+        suggestion = self.suggestion
+        self._show_suggestion(None)
+        editor = self.editor
+        if suggestion is None or editor.text != suggestion.text:
+            return
+        edit: TextEdit = suggestion.edit
+        doc = editor.document
+        start, end = doc.get_location_from_index(edit.start), doc.get_location_from_index(edit.end)
+        editor.history.checkpoint()
+        editor.replace(edit.text, start, end, maintain_selection_offset=False)
+        editor.history.checkpoint()
+        self.say(f"next edit applied at line {suggestion.line} (ctrl+z undoes it)")
 
     def _prefill(self, text: str | None = None) -> None:
         """Tell an in-process engine the buffer's text: it encodes it while the user is idle, so an
@@ -362,6 +503,8 @@ class DgEditApp(App[int]):
         if self.editor.proposal is not None:
             self.say("a proposal is pending: tab accepts it, escape rejects it")
             return False
+        self._show_suggestion(None)  # the user asked for something else
+        self.workers.cancel_group(self, "next_edit")
         return True
 
     def action_infill(self) -> None:
@@ -487,6 +630,7 @@ class DgEditApp(App[int]):
     def action_accept(self) -> None:
         editor = self.editor
         if editor.proposal is None:
+            self._apply_suggestion()
             return
         if editor.proposal.final is None:
             self.say("still denoising: wait for it to finish, or escape to cancel")
@@ -499,6 +643,9 @@ class DgEditApp(App[int]):
     def action_reject(self) -> None:
         editor = self.editor
         if editor.proposal is None:
+            if self.suggestion is not None:
+                self._show_suggestion(None)
+                self.say("next edit dismissed")
             return
         running = self.request is not None
         self.cancel_request()
@@ -514,6 +661,8 @@ KEYS_HELP = """keys:
   ctrl+space, f2   infill at the cursor (the draft refines in place as ghost text)
   ctrl+r           rewrite the selection (asks for an optional instruction and a strength)
   tab / escape     accept / reject the proposal (escape also cancels a running request)
+  f4               suggest the next edit now (also asked for by itself when you pause after a change);
+                   tab applies it, escape dismisses it
   ctrl+z           undo (an accepted proposal is one undo step)
   f3               show or hide the canvas panel
   ctrl+s / ctrl+q  save (atomically) / quit (asks when there are unsaved changes)"""

@@ -53,6 +53,7 @@ class EditorArea(TextArea):
         super().__init__(text, language=language, theme="monokai", soft_wrap=False, tab_behavior="indent",
                          show_line_numbers=True, **kwargs)
         self.proposal: Proposal | None = None
+        self.tab_yields = False  # set by the app while a next-edit suggestion is shown: tab applies it
         self._proposal_editing = False
         self._spans: dict[int, list[tuple[int, int | None, str]]] = {}  # line -> (col0, col1|None, style)
 
@@ -71,6 +72,12 @@ class EditorArea(TextArea):
             self.app.bell()
             return None
         return super().edit(edit)
+
+    def check_consume_key(self, key: str, character: str | None = None) -> bool:
+        """Tab indents, except while the app shows a suggestion that tab applies (the app's binding)."""
+        if key == "tab" and self.tab_yields:
+            return False
+        return super().check_consume_key(key, character)
 
     def undo(self) -> None:
         if self.proposal is None:

@@ -1,6 +1,7 @@
 """`dg-edit tui --connect ws://...`: drive a running `dg-edit serve` instead of an in-process model.
 
-`RemoteEngine` looks like an `Engine` to the TUI (`stream`, `stream_rewrite`) and yields the core's
+`RemoteEngine` looks like an `Engine` to the TUI (`stream`, `stream_rewrite`, `record_edit`,
+`stream_next_edit`) and yields the core's
 own `Step`/`Done` events, rebuilt from the documented websocket frames (`dg_edit.serve.protocol`), so the
 app cannot tell the difference. It runs in the app's model worker thread, hence the synchronous
 websockets client. Closing a stream early (the user pressed escape) sends `cancel` for its id and
@@ -13,6 +14,7 @@ only the middle's tokens when connected.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -24,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from dg_edit.config import DOCUMENT_HEADER, Settings
+from dg_edit.edits import TextEdit
 from dg_edit.events import Done, Step, Token
 
 FINAL_TYPES = ("done", "error", "cancelled")
@@ -46,9 +49,12 @@ def step_from_frame(frame: dict[str, Any]) -> Step:
 
 
 def done_from_frame(frame: dict[str, Any]) -> Done:
+    window = frame.get("window")
     return Done(text=frame["text"], ids=(), steps=int(frame["steps"]),
                 tokens_per_forward=float(frame["tokens_per_forward"]), ms=float(frame.get("ms", 0.0)),
-                typed_ahead=bool(frame.get("typed_ahead", False)))
+                typed_ahead=bool(frame.get("typed_ahead", False)),
+                edits=tuple(TextEdit.from_json(e) for e in frame.get("edits", ())),
+                window=tuple(window) if window is not None else None, prepared=bool(frame.get("prepared", False)))
 
 
 class RemoteEngine:
@@ -69,6 +75,8 @@ class RemoteEngine:
         # One request at a time on the connection, its cancel drain included: a new request (a new
         # worker thread) waits until the previous one has read its last frame.
         self._busy = threading.Lock()
+        # the last edit frames sent: the service answers one only to refuse it
+        self._edit_ids: collections.deque[str] = collections.deque(maxlen=512)
         self.name = url
 
     def connect(self) -> "RemoteEngine":
@@ -117,6 +125,27 @@ class RemoteEngine:
                 body[key] = value
         return self._run(body)
 
+    def stream_next_edit(self, text: str, cursor: int, *, session: str | None = None,
+                         seed: int | None = None) -> Iterator[Step | Done]:
+        body: dict[str, Any] = {"type": "next_edit", "text": text, "cursor": cursor}
+        for key, value in (("session", session), ("seed", seed)):
+            if value is not None:
+                body[key] = value
+        return self._run(body)
+
+    def record_edit(self, session: str, edit: TextEdit) -> None:
+        """An `edit` frame: the service keeps the connection's edit history of `session`. Sent at once
+        (websockets serialises sends), never waiting for a request in flight; a refusal comes back as
+        an `error` frame with this id, which the next request's reader raises (it is shown)."""
+        frame = {"type": "edit", "id": uuid.uuid4().hex, "session": session, "start": edit.start, "end": edit.end,
+                 "text": edit.text, "old_text": edit.old_text}
+        self._edit_ids.append(frame["id"])
+        try:
+            self._connection().send(json.dumps(frame))
+        except (ConnectionClosed, OSError) as e:
+            self.close()
+            raise RemoteError("disconnected", f"the connection to {self.url} closed: {e}") from None
+
     # ------------------------------------------------------------------ one request
     def _run(self, body: dict[str, Any]) -> Iterator[Step | Done]:
         with self._busy:
@@ -130,6 +159,10 @@ class RemoteEngine:
             ws.send(json.dumps({"id": rid, **body}))
             while True:
                 frame = self._receive(ws)
+                if frame.get("id") in self._edit_ids and frame.get("type") == "error":
+                    self._edit_ids.remove(frame["id"])
+                    raise RemoteError(frame.get("code", "error"),
+                                      f"the service refused an edit: {frame.get('message', '')}")
                 if frame.get("id") != rid:
                     continue  # a late frame of an earlier request
                 kind = frame.get("type")

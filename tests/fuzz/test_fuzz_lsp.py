@@ -258,7 +258,7 @@ def test_inline_completion_at_any_position(lsp, fuzz_count, text, line, characte
 
 
 METHODS = [t.TEXT_DOCUMENT_INLINE_COMPLETION, t.TEXT_DOCUMENT_COMPLETION, t.TEXT_DOCUMENT_CODE_ACTION,
-           "workspace/executeCommand", "dgEdit/stats"]
+           "workspace/executeCommand", "dgEdit/stats", "textDocument/copilotInlineEdit"]
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**70), st.floats(allow_nan=False),
                       st.text(max_size=10))
 json_values = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -276,7 +276,8 @@ def lsp_params(draw):
     position = {"line": draw(st.one_of(st.integers(-1, 3), json_values)),
                 "character": draw(st.one_of(st.integers(-1, 40), json_values))}
     base = {
-        "textDocument": draw(st.sampled_from([{"uri": uri}, {"uri": "file:///nope.py"}, {}, {"uri": 5}])),
+        "textDocument": draw(st.sampled_from([{"uri": uri}, {"uri": "file:///nope.py"}, {}, {"uri": 5},
+                                              {"uri": uri, "version": 1}, {"uri": uri, "version": "1"}])),
         "position": position,
         "range": {"start": position, "end": draw(st.sampled_from([position, {"line": 0, "character": 0}]))},
         "context": draw(st.one_of(st.just({"triggerKind": 1}), st.just({"diagnostics": []}), json_values)),

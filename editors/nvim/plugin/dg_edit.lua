@@ -20,3 +20,15 @@ end, { desc = "dg-edit: ask for a suggestion at the cursor" })
 vim.api.nvim_create_user_command("DgEditDismiss", function()
   require("dg_edit").dismiss()
 end, { desc = "dg-edit: clear the suggestion" })
+
+vim.api.nvim_create_user_command("DgEditNextEdit", function()
+  require("dg_edit").next_edit()
+end, { desc = "dg-edit: suggest the next edit near the cursor" })
+
+vim.api.nvim_create_user_command("DgEditNextEditJump", function()
+  require("dg_edit").next_edit_jump()
+end, { desc = "dg-edit: move the cursor to the next-edit suggestion" })
+
+vim.api.nvim_create_user_command("DgEditNextEditAccept", function()
+  require("dg_edit").next_edit_accept()
+end, { desc = "dg-edit: apply the next-edit suggestion" })

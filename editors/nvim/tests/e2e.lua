@@ -32,6 +32,7 @@ local sleep, wait_for, type_keys = harness.sleep, harness.wait_for, harness.type
 local dg = require("dg_edit")
 local util = require("dg_edit.util")
 local inline = require("dg_edit.inline")
+local next_edit = require("dg_edit.next_edit")
 
 dg.setup({
   cmd = session.cmd,
@@ -273,6 +274,139 @@ function scenarios.rewrite()
   note("stats", server_stats(client))
 end
 
+--- Extmarks of the next-edit namespace: the highlighted old range and the new text drawn beside it.
+local function next_edit_marks(bufnr)
+  local out = {}
+  for _, mark in ipairs(vim.api.nvim_buf_get_extmarks(bufnr, next_edit.ns, 0, -1, { details = true })) do
+    local d = mark[4]
+    local lines = {}
+    if d.virt_text then
+      lines[1] = table.concat(vim.tbl_map(function(chunk)
+        return chunk[1]
+      end, d.virt_text))
+    end
+    for _, vline in ipairs(d.virt_lines or {}) do
+      lines[#lines + 1] = table.concat(vim.tbl_map(function(chunk)
+        return chunk[1]
+      end, vline))
+    end
+    out[#out + 1] = {
+      row = mark[2], col = mark[3], end_row = d.end_row, end_col = d.end_col, hl = d.hl_group,
+      text = d.virt_text and table.concat(lines, "\n") or nil,
+      text_hl = d.virt_text and d.virt_text[1][2] or nil,
+    }
+  end
+  return out
+end
+
+--- Wait for the next-edit suggestion the plug-in asked for; fail with the reason when there is none.
+local function wait_for_next_edit(bufnr, what)
+  wait_for(what .. " (request sent)", 10000, function()
+    return next_edit.pending(bufnr) or next_edit.current(bufnr)
+  end)
+  wait_for(what, 180000, function()
+    return next_edit.current(bufnr) or not next_edit.pending(bufnr)
+  end)
+  return next_edit.current(bufnr) or error(what .. ": the server answered with no edit", 2)
+end
+
+--- The server's answer to copilotInlineEdit at (row, col) of the current version, asked directly.
+local function server_next_edit(client, bufnr, row, col)
+  local params = {
+    textDocument = { uri = vim.uri_from_bufnr(bufnr), version = util.version(bufnr) },
+    position = { line = row, character = util.byte_to_lsp(bufnr, row, col, client.offset_encoding) },
+  }
+  local answer = client:request_sync("textDocument/copilotInlineEdit", params, 180000, bufnr)
+  return answer and answer.result
+end
+
+-- Rename in normal mode; once quiet, the predicted next edit is drawn; <Tab> jumps, <Tab> accepts, u undoes it.
+function scenarios.next_edit()
+  vim.cmd.edit(vim.fn.fnameescape(spec.file))
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = wait_for("the dg-edit client to attach", 30000, function()
+    local c = util.client(bufnr)
+    return c and c.initialized and c
+  end)
+  note("offset_encoding", client.offset_encoding)
+  vim.api.nvim_win_set_cursor(0, { spec.row, 4 })
+  note("stats_before", server_stats(client))
+  type_keys("ciwtotal<Esc>")
+  wait_for("normal mode after the rename", 5000, function()
+    return vim.fn.mode() == "n" and buffer_text(bufnr) ~= ""
+  end)
+  local shown = wait_for_next_edit(bufnr, "a next-edit suggestion after the rename")
+  note("before", buffer_text(bufnr))
+  note("buffer_while_shown", buffer_text(bufnr))
+  note("shown_edit", shown.edit)
+  note("shown_version", shown.version)
+  note("version_now", util.version(bufnr))
+  note("marks", next_edit_marks(bufnr))
+  local cursor = vim.api.nvim_win_get_cursor(0)
+  note("server_edit", (server_next_edit(client, bufnr, cursor[1] - 1, cursor[2]) or {}).edits)
+  -- Move off the suggestion's lines, then <Tab> jumps to its start.
+  local last = vim.api.nvim_buf_line_count(bufnr)
+  vim.api.nvim_win_set_cursor(0, { shown.finish[1] + 1 < last and last or 1, 0 })
+  note("cursor_before_jump", vim.api.nvim_win_get_cursor(0))
+  type_keys("<Tab>")
+  wait_for("the jump", 5000, function()
+    return vim.api.nvim_win_get_cursor(0)[1] == shown.start[1] + 1
+  end)
+  note("cursor_after_jump", vim.api.nvim_win_get_cursor(0))
+  note("visible_after_jump", next_edit.visible(bufnr))
+  -- On its lines, <Tab> accepts: the buffer changes by exactly the edit, in one undo step.
+  local before_accept = buffer_text(bufnr)
+  type_keys("<Tab>")
+  wait_for("the accepted edit", 5000, function()
+    return buffer_text(bufnr) ~= before_accept
+  end)
+  note("after_accept", buffer_text(bufnr))
+  note("marks_after_accept", next_edit_marks(bufnr))
+  sleep(200)
+  note("stats_after_accept", server_stats(client))
+  next_edit.dismiss(bufnr)
+  type_keys("u")
+  wait_for("the undo", 5000, function()
+    return buffer_text(bufnr) ~= obs.after_accept
+  end)
+  note("after_undo", buffer_text(bufnr))
+end
+
+-- <M-n> asks at once; <Esc> dismisses without touching the buffer; an answer for a changed buffer is dropped.
+function scenarios.next_edit_dismiss()
+  vim.cmd.edit(vim.fn.fnameescape(spec.file))
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = wait_for("the dg-edit client to attach", 30000, function()
+    local c = util.client(bufnr)
+    return c and c.initialized and c
+  end)
+  vim.api.nvim_win_set_cursor(0, { spec.row, 4 })
+  type_keys("ciwtotal<Esc>")
+  wait_for_next_edit(bufnr, "the automatic suggestion")
+  next_edit.dismiss(bufnr)
+  note("before", buffer_text(bufnr))
+  type_keys("<M-n>")
+  wait_for_next_edit(bufnr, "a suggestion on <M-n>")
+  note("visible_before_dismiss", next_edit.visible(bufnr))
+  type_keys("<Esc>")
+  wait_for("the dismissal", 5000, function()
+    return not next_edit.visible(bufnr)
+  end)
+  note("marks_after_dismiss", next_edit_marks(bufnr))
+  note("buffer_after_dismiss", buffer_text(bufnr))
+  -- Ask, then change the text through the API before the answer comes: it must not be drawn
+  -- (automatic requests off, so the change does not start a new one).
+  dg.config.next_edit = false
+  note("sent", next_edit.request(bufnr))
+  vim.api.nvim_buf_set_lines(bufnr, -1, -1, false, { "# edited while the model ran" })
+  wait_for("the request to end", 180000, function()
+    return next(client.requests) == nil
+  end)
+  sleep(100)
+  note("visible_after_stale", next_edit.visible(bufnr))
+  note("marks_after_stale", next_edit_marks(bufnr))
+end
+
 harness.run(function()
   for _, scenario in ipairs(session.scenarios) do
     spec, obs, canvases = scenario, {}, {}
@@ -280,6 +414,8 @@ harness.run(function()
     -- Per-scenario plug-in options: the plug-in reads its config table at event time.
     dg.config.auto_trigger = scenario.auto_trigger or false
     dg.config.debounce_ms = scenario.debounce_ms
+    dg.config.next_edit = scenario.next_edit or false
+    dg.config.next_edit_debounce_ms = scenario.next_edit_debounce_ms or 500
     local ok, err = xpcall(scenarios[scenario.scenario or scenario.name], debug.traceback)
     if not ok then
       obs.error = tostring(err)
@@ -288,6 +424,7 @@ harness.run(function()
     vim.api.nvim_feedkeys(vim.keycode("<Esc>"), "nt", false)
     sleep(50)
     dg.dismiss()
+    dg.next_edit_dismiss()
   end
   finish()
 end, finish)

@@ -16,6 +16,7 @@ export interface CanvasParams {
   step: number;
   text: string;
   done: boolean;
+  kind?: string; // "next_edit": the draft of a rewritten window (nextEdit.ts shows the result), not ghost text
 }
 
 const MAX_SHOWN = 80; // characters of the draft shown inline
@@ -53,6 +54,7 @@ export class CanvasView implements vscode.Disposable {
 
   /** Handle one notification. */
   update(params: CanvasParams): void {
+    if (params.kind === "next_edit") return;
     const editor = vscode.window.visibleTextEditors.find((e) => e.document.uri.toString() === params.uri);
     if (!editor || editor.document.version !== params.version) return; // stale or not on screen
     if (params.done) {

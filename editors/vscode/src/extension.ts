@@ -17,13 +17,24 @@ import {
 
 import { CanvasParams, CanvasView } from "./canvas";
 import { ServerLog } from "./log";
+import { NextEditView } from "./nextEdit";
 import { rewriteSelection } from "./rewrite";
-import { documentSelector, LaunchSettings, launchSettings, needsRestart, SECTION, serverSettings } from "./settings";
+import {
+  documentSelector,
+  LaunchSettings,
+  launchSettings,
+  needsRestart,
+  SECTION,
+  serverSettingNames,
+  serverSettings,
+} from "./settings";
 
 let client: LanguageClient | undefined;
 let canvas: CanvasView | undefined;
+let nextEdit: NextEditView | undefined;
 let status: vscode.StatusBarItem;
 let log: ServerLog;
+let settingNames: string[] = []; // the Settings keys package.json exposes (camelCase)
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
   log = new ServerLog();
@@ -32,18 +43,25 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   status.command = "dgEdit.showOutput";
   status.show();
   canvas = new CanvasView(status);
+  nextEdit = new NextEditView(() => client, log.channel);
+  settingNames = serverSettingNames(context.extension.packageJSON);
   context.subscriptions.push(
     log,
     status,
     canvas,
+    nextEdit,
     vscode.commands.registerCommand("dgEdit.rewriteSelection", () => rewriteSelection(client)),
+    vscode.commands.registerCommand("dgEdit.acceptNextEdit", () => nextEdit?.accept()),
+    vscode.commands.registerCommand("dgEdit.dismissNextEdit", () => nextEdit?.dismiss()),
+    vscode.commands.registerCommand("dgEdit.jumpToNextEdit", () => nextEdit?.jump()),
+    vscode.commands.registerCommand("dgEdit.suggestNextEdit", () => nextEdit?.suggest()),
     vscode.commands.registerCommand("dgEdit.restartServer", () => restart()),
     vscode.commands.registerCommand("dgEdit.showOutput", () => log.show()),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (!e.affectsConfiguration(SECTION)) return;
       if (needsRestart(e)) void restart();
       else if (client?.isRunning()) {
-        void client.sendNotification(DidChangeConfigurationNotification.type, { settings: serverSettings() });
+        void client.sendNotification(DidChangeConfigurationNotification.type, { settings: serverSettings(settingNames) });
       }
     }),
   );
@@ -65,7 +83,7 @@ async function start(): Promise<void> {
   const serverOptions: ServerOptions = { command: launch.command, args: launch.args };
   const clientOptions: LanguageClientOptions = {
     documentSelector: documentSelector(),
-    initializationOptions: serverSettings(),
+    initializationOptions: serverSettings(settingNames),
     outputChannel: log.channel,
     stdioOptions: log.stdioOptions,
     middleware: {
@@ -119,6 +137,7 @@ async function stop(): Promise<void> {
   const current = client;
   client = undefined;
   canvas?.clear();
+  nextEdit?.dismiss();
   if (current?.needsStop()) await current.stop();
 }
 

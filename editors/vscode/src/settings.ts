@@ -2,8 +2,8 @@
  * VS Code settings (`dgEdit.*`) -> the server's configuration (`dg_edit.config.Settings` keys).
  *
  * Only settings the user actually set are sent: the defaults live in one place, the server's
- * `Settings` dataclass, so an unset `dgEdit.maxNewTokens` means "the server's default", never a
- * second copy of it here.
+ * `Settings` dataclass (package.json shows the same defaults, written from it), so an unset
+ * `dgEdit.maxNewTokens` means "the server's default", never a second copy of it here.
  */
 import * as vscode from "vscode";
 import type { DocumentSelector } from "vscode-languageclient/node";
@@ -23,26 +23,48 @@ export function launchSettings(): LaunchSettings {
   return { command, args };
 }
 
-// VS Code setting name -> Settings key. Extend together with package.json's contributes.configuration.
-const SERVER_KEYS: ReadonlyArray<[string, string]> = [
-  ["model", "model"],
-  ["maxNewTokens", "max_new_tokens"],
-  ["candidates", "candidates"],
-  ["languages", "languages"],
-  ["sampling", "sampling"],
-];
+// Settings of the extension itself; every other `dgEdit.*` property in package.json is a key of
+// `dg_edit.config.Settings` in camelCase (package.json is written from Settings by settings_schema.py,
+// and tests/test_vscode_settings.py keeps the two equal).
+const CLIENT_ONLY = new Set(["command", "args", "serverArgs", "showCanvas", "nextEdit", "nextEditDelayMs", "trace.server"]);
 
-/** The `Settings` mapping sent as initializationOptions and in workspace/didChangeConfiguration. */
-export function serverSettings(): Record<string, unknown> {
+/** `maxNewTokens` -> `max_new_tokens`. */
+export function settingsKey(name: string): string {
+  return name.replace(/[A-Z]/g, (c) => "_" + c.toLowerCase());
+}
+
+/** The server's setting names (`dgEdit.` stripped) from the extension's package.json. */
+export function serverSettingNames(packageJSON: { contributes?: { configuration?: { properties?: object } } }): string[] {
+  const properties = Object.keys(packageJSON.contributes?.configuration?.properties ?? {});
+  return properties
+    .filter((p) => p.startsWith(SECTION + "."))
+    .map((p) => p.slice(SECTION.length + 1))
+    .filter((name) => !CLIENT_ONLY.has(name));
+}
+
+/**
+ * The `Settings` mapping sent as initializationOptions and in workspace/didChangeConfiguration:
+ * only the settings the user set (in any scope), so an unset one means the server's default.
+ */
+export function serverSettings(names: readonly string[]): Record<string, unknown> {
   const cfg = vscode.workspace.getConfiguration(SECTION);
   const out: Record<string, unknown> = {};
-  for (const [name, key] of SERVER_KEYS) {
+  for (const name of names) {
+    const seen = cfg.inspect(name);
+    const set = [seen?.globalValue, seen?.workspaceValue, seen?.workspaceFolderValue,
+      seen?.globalLanguageValue, seen?.workspaceLanguageValue, seen?.workspaceFolderLanguageValue]
+      .some((v) => v !== undefined);
     const value = cfg.get<unknown>(name);
-    if (value === null || value === undefined || value === "") continue;
-    if (key === "sampling" && typeof value === "object" && Object.keys(value as object).length === 0) continue;
-    out[key] = value;
+    if (!set || value === null || value === undefined) continue;
+    out[settingsKey(name)] = value;
   }
   return out;
+}
+
+/** The extension's own next-edit settings. */
+export function nextEditSettings(): { enabled: boolean; delayMs: number } {
+  const cfg = vscode.workspace.getConfiguration(SECTION);
+  return { enabled: cfg.get<boolean>("nextEdit") ?? true, delayMs: cfg.get<number>("nextEditDelayMs") ?? 500 };
 }
 
 /** Documents the client syncs: every file, or only the languages the user enabled. */

@@ -4,10 +4,12 @@
 --- and installs the keys. On Neovim 0.12+ the native `vim.lsp.inline_completion` draws the
 --- suggestions; on 0.11 this plug-in requests `textDocument/inlineCompletion` itself and draws
 --- them with extmarks (lua/dg_edit/inline.lua). Either way, `dgEdit/canvas` drafts are drawn while
---- the model refines, and `:DgEditRewrite` rewrites the visual selection.
+--- the model refines, and `:DgEditRewrite` rewrites the visual selection. After an edit, once the
+--- buffer is quiet, the next edit the server predicts is shown near the cursor (lua/dg_edit/next_edit.lua).
 
 local ghost = require("dg_edit.ghost")
 local inline = require("dg_edit.inline")
+local next_edit = require("dg_edit.next_edit")
 local util = require("dg_edit.util")
 
 local M = {}
@@ -44,6 +46,19 @@ M.defaults = {
   canvas_hl_group = "DgEditCanvas", -- draft while refining (linked to NonText)
   -- use vim.lsp.inline_completion when Neovim has it (0.12+)
   native = true,
+  -- next-edit suggestions: after an edit (normal mode, or on leaving insert mode), once the buffer
+  -- has been quiet for next_edit_debounce_ms, show the edit the server predicts next
+  next_edit = true,
+  next_edit_debounce_ms = 500,
+  -- normal-mode keys; "" disables one. keymap_next_edit jumps to the suggestion, and accepts it when
+  -- the cursor is already on its lines; it and dismiss fall through to the key's normal job when no
+  -- suggestion is shown
+  keymap_next_edit = "<Tab>",
+  keymap_next_edit_accept = "<M-a>",
+  keymap_next_edit_dismiss = "<Esc>",
+  keymap_next_edit_trigger = "<M-n>",
+  next_edit_old_hl_group = "DgEditNextEditOld", -- the text the edit replaces (linked to DiffDelete)
+  next_edit_new_hl_group = "DgEditNextEditNew", -- the text it writes (linked to DiffAdd)
   -- extra fields for vim.lsp.config("dg_edit", ...), e.g. { flags = { debounce_text_changes = 300 } }
   lsp = {},
 }
@@ -88,6 +103,23 @@ end
 --- The ghost text on screen in `bufnr` ("" when none).
 function M.ghost_text(bufnr)
   return ghost.text(bufnr or vim.api.nvim_get_current_buf())
+end
+
+--- Next-edit suggestions (lua/dg_edit/next_edit.lua): ask now, jump to it, accept it, dismiss it.
+function M.next_edit(bufnr)
+  return next_edit.request(bufnr or vim.api.nvim_get_current_buf())
+end
+
+function M.next_edit_jump(bufnr)
+  return next_edit.jump(bufnr or vim.api.nvim_get_current_buf())
+end
+
+function M.next_edit_accept(bufnr)
+  return next_edit.accept(bufnr or vim.api.nvim_get_current_buf())
+end
+
+function M.next_edit_dismiss(bufnr)
+  next_edit.dismiss(bufnr or vim.api.nvim_get_current_buf())
 end
 
 function M.rewrite(opts)
@@ -137,11 +169,74 @@ local function set_keymaps(bufnr)
   end
 end
 
+--- Normal-mode keys of next-edit suggestions; the expr ones fall through when nothing is shown.
+local function set_next_edit_keymaps(bufnr)
+  local cfg = M.config
+  local function expr(lhs, desc, action)
+    if lhs == "" then
+      return
+    end
+    local fallback = vim.keycode(lhs)
+    vim.keymap.set("n", lhs, function()
+      if not next_edit.visible(bufnr) then
+        return fallback
+      end
+      vim.schedule(function() -- the buffer cannot change inside an <expr> mapping
+        action(bufnr)
+      end)
+      return ""
+    end, { buffer = bufnr, expr = true, replace_keycodes = false, desc = desc })
+  end
+  expr(cfg.keymap_next_edit, "dg-edit: jump to the next-edit suggestion, or accept it", function(b)
+    if next_edit.at_suggestion(b) then
+      next_edit.accept(b)
+    else
+      next_edit.jump(b)
+    end
+  end)
+  expr(cfg.keymap_next_edit_accept, "dg-edit: accept the next-edit suggestion", next_edit.accept)
+  expr(cfg.keymap_next_edit_dismiss, "dg-edit: dismiss the next-edit suggestion", next_edit.dismiss)
+  if cfg.keymap_next_edit_trigger ~= "" then
+    vim.keymap.set("n", cfg.keymap_next_edit_trigger, function()
+      next_edit.request(bufnr)
+    end, { buffer = bufnr, desc = "dg-edit: suggest the next edit now" })
+  end
+end
+
+--- After an edit, once quiet: ask for the next edit. Typing or leaving the buffer clears it.
+local function watch_edits(client, bufnr)
+  local group = vim.api.nvim_create_augroup("dg_edit_next_edit_" .. bufnr, { clear = true })
+  local tick_at_insert = nil
+  vim.api.nvim_create_autocmd("TextChanged", { group = group, buffer = bufnr, callback = function()
+    next_edit.schedule(bufnr)
+  end })
+  vim.api.nvim_create_autocmd("InsertEnter", { group = group, buffer = bufnr, callback = function()
+    tick_at_insert = vim.b[bufnr].changedtick
+    next_edit.dismiss(bufnr)
+  end })
+  vim.api.nvim_create_autocmd("InsertLeave", { group = group, buffer = bufnr, callback = function()
+    if tick_at_insert ~= vim.b[bufnr].changedtick then
+      next_edit.schedule(bufnr)
+    end
+  end })
+  vim.api.nvim_create_autocmd({ "TextChangedI", "BufLeave" }, { group = group, buffer = bufnr, callback = function()
+    next_edit.dismiss(bufnr)
+  end })
+  vim.api.nvim_create_autocmd("LspDetach", { group = group, buffer = bufnr, callback = function(args)
+    if args.data and args.data.client_id == client.id then
+      next_edit.dismiss(bufnr)
+      vim.api.nvim_del_augroup_by_id(group)
+    end
+  end })
+end
+
 local function on_attach(client, bufnr)
   if client.name ~= util.CLIENT_NAME then
     return
   end
   set_keymaps(bufnr)
+  set_next_edit_keymaps(bufnr)
+  watch_edits(client, bufnr)
   if M.config.debounce_ms == nil then
     client:request("dgEdit/stats", vim.empty_dict(), function(err, stats)
       if not err and stats and stats.settings then
@@ -206,6 +301,7 @@ function M.setup(opts)
     end
   end
   inline.configure(M.config)
+  next_edit.configure(M.config)
   local exe = type(M.config.cmd) == "table" and M.config.cmd[1]
   if exe and vim.fn.executable(exe) == 0 then
     util.notify(("server not found: %q is not executable; set cmd = { \"/full/path/to/dg-edit\", \"lsp\" }"):format(exe),
@@ -213,6 +309,8 @@ function M.setup(opts)
   end
   vim.api.nvim_set_hl(0, "DgEditGhost", { link = "Comment", default = true })
   vim.api.nvim_set_hl(0, "DgEditCanvas", { link = "NonText", default = true })
+  vim.api.nvim_set_hl(0, "DgEditNextEditOld", { link = "DiffDelete", default = true })
+  vim.api.nvim_set_hl(0, "DgEditNextEditNew", { link = "DiffAdd", default = true })
 
   vim.lsp.config(util.CLIENT_NAME, vim.tbl_extend("force", M.config.lsp, {
     cmd = M.config.cmd,

@@ -186,8 +186,10 @@ def test_pip_install_keeps_the_torch_a_venv_already_has(tmp_path, users_torch):
     pyproject.toml's requirements) and torch 2.13.0, and `pip install --dry-run --report` must not
     plan to install any torch. With an upper bound on torch below the user's, pip would plan 2.13.0.
     """
-    from fake_dists import fake_index, fake_wheel
+    from fake_dists import dg_edit_requirements, fake_index, fake_wheel
 
+    torch_req = next(r for r in dg_edit_requirements(ROOT / "pyproject.toml") if r.name == "torch")
+    assert [s.operator for s in torch_req.specifier] == [">="], f"torch takes a lower bound only, not {torch_req}"
     line = readme_gpu_install_line()
     assert line.startswith("pip install ") and "torch" not in line, line  # the README line installs dg-edit alone
     wheels = tmp_path / "wheels"

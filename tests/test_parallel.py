@@ -148,7 +148,13 @@ def test_corrected_plan_names_the_decoder_and_replicates_the_tied_embedding():
     assert "model.encoder.language_model.layers.*.self_attn.q_proj" in tp_plan
     assert not any(name.startswith("model.decoder.") for name in tp_plan)
     assert fixed["model.decoder.layers.*.self_attn.q_proj"] == "colwise"
-    assert fixed["model.decoder.layers.*.experts"] == "moe_tp_experts"
+    for name, style in tp_plan.items():  # every rule of the encoder's text model holds for the decoder too
+        if name.startswith("model.encoder.language_model.") and not name.endswith("embed_tokens"):
+            assert fixed["model.decoder." + name[len("model.encoder.language_model."):]] == style, name
+    # transformers 5.23 and 5.24 shard the experts under tp; 5.25 dropped those rules (it deprecates
+    # moe_tp_experts for expert parallelism), so there the experts stay whole on every tp rank.
+    if "model.encoder.language_model.layers.*.experts" in tp_plan:
+        assert fixed["model.decoder.layers.*.experts"] == "moe_tp_experts"
     assert fixed["lm_head"] == "replicate"
     assert fixed["model.encoder.language_model.embed_tokens"] == fixed["model.decoder.embed_tokens"] == "replicate"
     assert hf.corrected_plan(ep_plan)["model.decoder.layers.*.experts"] == "ep_dispatch_experts"

@@ -413,6 +413,13 @@ def corrected_plan(plan: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def tp_splits_experts(tp_plan: dict[str, str]) -> bool:
+    """Whether transformers' tensor-parallel plan shards the MoE experts: 5.23 and 5.24 do
+    (`moe_tp_experts`); 5.25 dropped those rules, so `--parallel tp` there holds every expert on
+    every rank (dg-edit's copies of the old rules gave wrong text on 5.25; `--parallel ep` splits them)."""
+    return any(name.endswith(".experts") for name in tp_plan)
+
+
 def check_parallel(skeleton: torch.nn.Module, mode: str, world_size: int) -> None:
     """Raise `ValueError` with the fix unless `mode` can split this model over `world_size` ranks.
 
@@ -463,6 +470,10 @@ def parallel_load_kwargs(model_dir: str | Path, mode: str, world_size: int) -> d
     tp_plan, ep_plan, skeleton = parallel_plans(config)
     check_parallel(skeleton, mode, world_size)
     if mode == "tp":
+        if not tp_splits_experts(tp_plan):
+            logging.getLogger(__name__).warning(
+                "dg-edit: --parallel tp with this transformers keeps every expert whole on every rank "
+                "(its plan has no expert rule since 5.25); --parallel ep splits the experts")
         distributed = DistributedConfig(tp_plan=corrected_plan(tp_plan))
     else:
         distributed = DistributedConfig(tp_size=world_size, ep_size=world_size,

@@ -19,9 +19,11 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from websockets.asyncio.client import connect
 
 from dg_edit import faults, hf_adapter as hf
@@ -153,8 +155,10 @@ def test_corrected_plan_names_the_decoder_and_replicates_the_tied_embedding():
             assert fixed["model.decoder." + name[len("model.encoder.language_model."):]] == style, name
     # transformers 5.23 and 5.24 shard the experts under tp; 5.25 dropped those rules (it deprecates
     # moe_tp_experts for expert parallelism), so there the experts stay whole on every tp rank.
-    if "model.encoder.language_model.layers.*.experts" in tp_plan:
+    if hf.tp_splits_experts(tp_plan):
         assert fixed["model.decoder.layers.*.experts"] == "moe_tp_experts"
+    # --parallel tp warns that the experts stay whole where this is False (dg_edit.hf_adapter.parallel_load_kwargs)
+    assert hf.tp_splits_experts(tp_plan) == (Version(metadata.version("transformers")) < Version("5.25"))
     assert fixed["lm_head"] == "replicate"
     assert fixed["model.encoder.language_model.embed_tokens"] == fixed["model.decoder.embed_tokens"] == "replicate"
     assert hf.corrected_plan(ep_plan)["model.decoder.layers.*.experts"] == "ep_dispatch_experts"

@@ -22,11 +22,12 @@ import functools
 import inspect
 import json
 import logging
+import os
 import threading
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -65,12 +66,20 @@ def supported_range(package: str = "transformers") -> str:
     return ""
 
 
-def check_transformers() -> str:
+# The opt-in for a transformers release newer than the tested range. An environment variable, not a
+# flag, because it has to reach every entry point, the language server an editor starts included.
+ALLOW_UNTESTED_ENV = "DG_EDIT_ALLOW_UNTESTED"
+
+
+def check_transformers(environ: Mapping[str, str] = os.environ) -> str:
     """Raise `UnsupportedTransformers` with a one-line fix unless the installed release is supported.
 
     Runs before any model is loaded (and before transformers is imported), so a user outside the
     range sees which version is installed, which range is supported and the pip command that fixes it
-    instead of a traceback from deep inside a forward pass. Returns the installed version.
+    instead of a traceback from deep inside a forward pass. A release newer than the range (the upper
+    bound exists because this module drives internals a release may change) runs anyway, with a
+    warning, when `DG_EDIT_ALLOW_UNTESTED=1`: a user can try it before the next dg-edit widens the
+    range. An older release never runs (DiffusionGemma arrived in 5.23). Returns the installed version.
     """
     try:
         installed = metadata.version("transformers")
@@ -80,11 +89,27 @@ def check_transformers() -> str:
     if spec:
         from packaging.specifiers import SpecifierSet
 
-        if not SpecifierSet(spec).contains(installed, prereleases=True):
-            raise UnsupportedTransformers(
-                f"transformers {installed} is installed, but dg-edit supports transformers{spec}; "
-                f"run: pip install 'transformers{spec}'")
+        specifiers = SpecifierSet(spec)
+        if not specifiers.contains(installed, prereleases=True):
+            newer = all(s.contains(installed, prereleases=True) for s in specifiers if s.operator not in ("<", "<="))
+            if not newer:
+                raise UnsupportedTransformers(
+                    f"transformers {installed} is installed, but dg-edit supports transformers{spec}; "
+                    f"run: pip install 'transformers{spec}'")
+            if environ.get(ALLOW_UNTESTED_ENV) != "1":
+                raise UnsupportedTransformers(
+                    f"transformers {installed} is installed, newer than dg-edit's tested range transformers{spec}; "
+                    f"run: pip install 'transformers{spec}', or set {ALLOW_UNTESTED_ENV}=1 to try it anyway")
+            _warn_untested(installed, spec)
     return installed
+
+
+@functools.cache
+def _warn_untested(installed: str, spec: str) -> None:
+    """Once per process (the CLI and the engine both check): the run is outside what CI has proven."""
+    logging.getLogger(__name__).warning(
+        "dg-edit: running on transformers %s, newer than the tested range transformers%s (%s=1); "
+        "if it breaks, run: pip install 'transformers%s'", installed, spec, ALLOW_UNTESTED_ENV, spec)
 
 
 def check_model_type(model_dir: str | Path) -> None:
@@ -388,6 +413,13 @@ def corrected_plan(plan: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def tp_splits_experts(tp_plan: dict[str, str]) -> bool:
+    """Whether transformers' tensor-parallel plan shards the MoE experts: 5.23 and 5.24 do
+    (`moe_tp_experts`); 5.25 dropped those rules, so `--parallel tp` there holds every expert on
+    every rank (dg-edit's copies of the old rules gave wrong text on 5.25; `--parallel ep` splits them)."""
+    return any(name.endswith(".experts") for name in tp_plan)
+
+
 def check_parallel(skeleton: torch.nn.Module, mode: str, world_size: int) -> None:
     """Raise `ValueError` with the fix unless `mode` can split this model over `world_size` ranks.
 
@@ -438,6 +470,10 @@ def parallel_load_kwargs(model_dir: str | Path, mode: str, world_size: int) -> d
     tp_plan, ep_plan, skeleton = parallel_plans(config)
     check_parallel(skeleton, mode, world_size)
     if mode == "tp":
+        if not tp_splits_experts(tp_plan):
+            logging.getLogger(__name__).warning(
+                "dg-edit: --parallel tp with this transformers keeps every expert whole on every rank "
+                "(its plan has no expert rule since 5.25); --parallel ep splits the experts")
         distributed = DistributedConfig(tp_plan=corrected_plan(tp_plan))
     else:
         distributed = DistributedConfig(tp_size=world_size, ep_size=world_size,

@@ -25,8 +25,11 @@ from dg_edit import hf_adapter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], extra_path: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_cli(args: list[str], extra_path: Path | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # The opt-in comes from the test alone: one set in the shell running pytest must not mask a refusal.
+    inherited = {k: v for k, v in os.environ.items() if k != hf_adapter.ALLOW_UNTESTED_ENV}
+    env = dict(inherited, OMP_NUM_THREADS="1", **(env or {}))
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-m", "dg_edit.cli", *args], capture_output=True, text=True,
@@ -180,3 +183,116 @@ def test_the_core_never_imports_the_cli():
             offenders += [f"{path.relative_to(ROOT)}:{no}" for no, guarded in cli_imports(path)
                           if not guarded and path.name != "__main__.py"]
     assert not offenders, "start-up code belongs in dg_edit.startup, not dg_edit.cli:\n" + "\n".join(offenders)
+
+
+# ------------------------------------------------------------------ a newer transformers, opted in
+@pytest.fixture
+def newer_transformers_metadata(tmp_path) -> Path:
+    """A site dir with transformers 99.0.0's metadata only: the installed package itself still imports."""
+    dist = tmp_path / "transformers-99.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 99.0.0\n")
+    return tmp_path
+
+
+def test_the_refusal_of_a_newer_transformers_names_the_opt_in(future_transformers):
+    proc = run_cli(["info"], future_transformers)
+    assert proc.returncode == 2, proc.stderr
+    assert f"set {hf_adapter.ALLOW_UNTESTED_ENV}=1" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_the_opt_in_runs_a_newer_transformers_with_one_warning(newer_transformers_metadata):
+    proc = run_cli(["info", "--json"], newer_transformers_metadata, env={hf_adapter.ALLOW_UNTESTED_ENV: "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)  # the model loaded and answered
+    warnings = [line for line in proc.stderr.splitlines() if "99.0.0" in line]
+    assert len(warnings) == 1, proc.stderr  # once, though the CLI and the engine both check
+    assert "newer than the tested range" in warnings[0] and "pip install 'transformers" in warnings[0]
+
+
+def test_the_opt_in_does_not_admit_an_older_transformers(tmp_path):
+    dist = tmp_path / "transformers-5.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.0.0\n")
+    proc = run_cli(["info"], tmp_path, env={hf_adapter.ALLOW_UNTESTED_ENV: "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "transformers 5.0.0 is installed" in proc.stderr and hf_adapter.ALLOW_UNTESTED_ENV not in proc.stderr
+
+
+# ------------------------------------------------------------------ pip keeps the user's torch
+def test_upper_bounds_say_why():
+    """An upper bound forces other tools' releases out of a user's venv: each one names the internals it guards."""
+    text = (ROOT / "pyproject.toml").read_text()
+    unexplained = [line.strip() for line in text.splitlines()
+                   if re.match(r'\s*"[^"]*<', line) and "# internals:" not in line]
+    assert not unexplained, "an upper bound without '# internals: why':\n" + "\n".join(unexplained)
+
+
+def readme_gpu_install_line() -> str:
+    """The Quick start's install line for a machine that already has its own torch."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    marker = next(i for i, line in enumerate(lines) if line.startswith("# GPU machine"))
+    return lines[marker + 1]
+
+
+@pytest.mark.parametrize("users_torch", ["2.11.0+cu130", "2.99.0+cu140"])  # the oldest supported; a future one
+def test_pip_install_keeps_the_torch_a_venv_already_has(tmp_path, users_torch):
+    """What pip's resolver decides for `pip install -e .` (the README's GPU line) in a venv with another torch.
+
+    Metadata-only wheels (tests/fake_dists.py) stand in for every package, so no network and no
+    gigabytes: the venv gets a fake torch at `users_torch`, the find-links folder offers dg-edit (with
+    pyproject.toml's requirements) and torch 2.13.0, and `pip install --dry-run --report` must not
+    plan to install any torch. With an upper bound on torch below the user's, pip would plan 2.13.0.
+    """
+    from fake_dists import dg_edit_requirements, fake_index, fake_wheel
+
+    torch_req = next(r for r in dg_edit_requirements(ROOT / "pyproject.toml") if r.name == "torch")
+    assert [s.operator for s in torch_req.specifier] == [">="], f"torch takes a lower bound only, not {torch_req}"
+    line = readme_gpu_install_line()
+    assert line.startswith("pip install ") and "torch" not in line, line  # the README line installs dg-edit alone
+    wheels = tmp_path / "wheels"
+    fake_index(wheels, ROOT / "pyproject.toml", extra_torch=["2.13.0"])
+    users = tmp_path / "users"
+    users.mkdir()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    target = venv / "bin" / "python"
+    # This machine's pip config (find-links, index, a torch cap) must not decide; PIP_CONFIG_FILE=/dev/null skips it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    pip = [sys.executable, "-m", "pip", "--python", str(target)]
+    subprocess.run([*pip, "install", "-q", "--no-index", str(fake_wheel(users, "torch", users_torch))],
+                   check=True, env=env, capture_output=True)
+    report = tmp_path / "report.json"
+    proc = subprocess.run([*pip, "install", "--dry-run", "--no-index", "--find-links", str(wheels),
+                           "--report", str(report), "dg-edit"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    planned = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+               for item in json.loads(report.read_text())["install"]}
+    assert "dg-edit" in planned  # the resolver did run
+    assert "torch" not in planned, f"pip would replace torch {users_torch} with {planned['torch']}"
+
+
+# ------------------------------------------------------------------ CI's notice of newer releases
+def run_newer_releases(pip_env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, **pip_env)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "newer_releases.py")], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_ci_notices_a_transformers_the_bounds_leave_out(tmp_path):
+    from fake_dists import fake_wheel
+
+    fake_wheel(tmp_path, "transformers", "99.0.0")
+    fake_wheel(tmp_path, "torch", "2.13.0")
+    proc = run_newer_releases({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "NOTICE: transformers 99.0.0 is out and pyproject.toml admits transformers" in proc.stdout, proc.stdout
+    assert "NOTICE: torch" not in proc.stdout, proc.stdout  # 2.13.0 is what CI runs: nothing to notice
+
+
+def test_ci_notice_without_a_registry_says_so_and_passes():
+    proc = run_newer_releases({"PIP_INDEX_URL": "http://127.0.0.1:9/simple"})  # nothing listens on port 9
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("could not ask the registry") == 2, proc.stdout

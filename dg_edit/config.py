@@ -138,6 +138,8 @@ class Settings:
     | max_message_bytes | 1 MiB | largest websocket frame or HTTP request body accepted |
     | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
+    | batching | true | run the steps of concurrent requests as one decoder forward (dg_edit/scheduler.py); false = one request at a time |
+    | batch_rows | 16 | most canvas rows (a request's candidates count as one unit) in one forward; beyond, requests wait in order, fairly across clients (`dg-edit plan` says how many fit) |
     | compile_step | false | run the step's tensor work through torch.compile (dg_edit/step.py; bench/memory.py measures it) |
     | sampling | {} | overrides of SamplingConfig names |
     """
@@ -162,12 +164,14 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_inflight: int = 4
     request_timeout_s: float = 60.0
+    batching: bool = True
+    batch_rows: int = 16
     compile_step: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "single_line_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
-                     "max_inflight"):
+                     "max_inflight", "batch_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:

@@ -60,6 +60,8 @@ class Done:
     typed_ahead: bool = False
     encoded: int = field(default=0, compare=False)  # prefix tokens the encoder ran for this request
     prefix_tokens: int = field(default=0, compare=False)  # the windowed prefix the answer is conditioned on
+    # Time the request waited for room in the batch before its first step (`ms` counts from then on).
+    waited_ms: float = field(default=0.0, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -68,6 +70,7 @@ class Done:
             "steps": self.steps,
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "ms": round(self.ms, 1),
+            "waited_ms": round(self.waited_ms, 1),
         }
         if self.typed_ahead:
             out["typed_ahead"] = True

@@ -121,6 +121,10 @@ class Mirror:
     def __init__(self, engine):
         from . import hf_adapter as hf
 
+        # Each request runs in the thread that steps it, one forward at a time: a rank's own scheduler would
+        # batch by its own timing, and the ranks' collectives would no longer meet. (Batching across ranks
+        # needs rank 0 to broadcast each step's batch: not done yet.)
+        engine.run_alone()
         self.engines: dict[int, Any] = {0: engine}
         self.streams: dict[int, Iterator] = {}
         self.outcome = 0  # fingerprint of the last command's result

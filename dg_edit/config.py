@@ -139,7 +139,7 @@ class Settings:
     | max_inflight | 4 | concurrent requests per websocket connection; engine streams per client address over HTTP |
     | request_timeout_s | 60 | a request running longer is cancelled |
     | batching | true | run the steps of concurrent requests as one decoder forward (dg_edit/scheduler.py); false = one request at a time |
-    | batch_rows | 16 | most canvas rows (a request's candidates count as one unit) in one forward; beyond, requests wait in order, fairly across clients (`dg-edit plan` says how many fit) |
+    | batch_rows | 0 | most canvas rows in one forward (a request's candidate rows are one unit); beyond, requests wait in order, fairly across clients; 0 = as many as fit in memory (`dg-edit plan` says how many), up to 256 |
     | compile_step | false | run the step's tensor work through torch.compile (dg_edit/step.py; bench/memory.py measures it) |
     | sampling | {} | overrides of SamplingConfig names |
     """
@@ -165,19 +165,19 @@ class Settings:
     max_inflight: int = 4
     request_timeout_s: float = 60.0
     batching: bool = True
-    batch_rows: int = 16
+    batch_rows: int = 0
     compile_step: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "single_line_tokens", "candidates", "max_prefix_tokens", "prefix_chunk", "max_message_bytes",
-                     "max_inflight", "batch_rows"):
+                     "max_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:
             raise ValueError("max_suffix_tokens, suffix_head_tokens and max_extra_tokens must be >= 0")
-        if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0:
-            raise ValueError("cache_budget_mb and idle_prefill_ms must be >= 0")
+        if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0 or self.batch_rows < 0:
+            raise ValueError("cache_budget_mb, idle_prefill_ms and batch_rows must be >= 0")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
         _check_keys(SamplingConfig, self.sampling)

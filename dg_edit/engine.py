@@ -43,7 +43,7 @@ from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
 from .prefill import Prefiller
-from .plan import kv_bytes_per_token
+from .plan import MAX_AUTO_ROWS, device_budget, kv_bytes_per_token, rows_that_fit
 from .prefix_cache import CacheStore, encode_chunk, encode_prefix
 from .typed_ahead import Answer, rest_after_typing
 from .windows import Window, char_start, document_windows, token_drop
@@ -154,8 +154,19 @@ class Engine:
         self.last_prefix_len = 0
         # One thread runs every request's steps, one decoder forward per step for all (dg_edit/scheduler.py);
         # None: each request runs in its consumer's thread (--parallel: every rank runs the same calls).
-        self.scheduler: Scheduler | None = Scheduler(self, self.settings.batch_rows, self.settings.batching)
+        self.scheduler: Scheduler | None = Scheduler(self, self._batch_rows(), self.settings.batching)
         self.observer = None  # metrics: .on_step(rows, requests, seconds, queue_depth), .on_admit(waited_seconds)
+
+    def _batch_rows(self) -> int:
+        """Canvas rows the scheduler admits at once: `Settings.batch_rows`, or (0) as many as fit in the memory
+        free now, beside the weights already loaded and the document caches' budget (`dg_edit.plan`)."""
+        if self.settings.batch_rows:
+            return self.settings.batch_rows
+        device = str(self.model.device)
+        free, _ = device_budget(device)
+        free -= self.caches.budget_bytes  # the document caches may grow to their budget
+        rows = rows_that_fit(self.model.config, self.model.dtype, self.canvas_length, self.window_tokens, free, device)
+        return max(1, min(MAX_AUTO_ROWS, rows))
 
     # ------------------------------------------------------------------ loading
     @classmethod

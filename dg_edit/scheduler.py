@@ -26,8 +26,11 @@ the same order) a request's coroutine is driven in the consumer's thread.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -60,6 +63,7 @@ class Pause:
 
 
 PAUSE = Pause()
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 GATHER_S = 0.01  # longest a step waits for a consumer that has not yet asked for its request's next step
 RequestSteps = Generator[Any, Any, None]
 
@@ -135,6 +139,7 @@ class Scheduler:
         self._active: list[_Ticket] = []
         self._stacked: hf.StackedBatch | None = None
         self._stopped = False
+        self._ran = False  # steps ran since the scheduler was last idle
         self._thread: threading.Thread | None = None
         self.steps_run = 0  # batched steps so far, counting up (tests, stats)
         self.max_batch = 0  # most requests one forward has carried (tests, stats)
@@ -188,6 +193,8 @@ class Scheduler:
                     self._admit()
                     if any(self._runnable(t) for t in self._active):
                         break
+                    if not self._active and not self._waiting and self._ran:
+                        self._idle()
                     self._cond.wait()
                 if self._stopped:
                     leftover = self._active + [t for q in self._waiting.values() for t in q]
@@ -198,6 +205,15 @@ class Scheduler:
         for ticket in leftover:
             ticket.steps.close()
             ticket.events.put(_Failed(RuntimeError("the engine was closed")))
+
+    def _idle(self) -> None:
+        """Nothing to run: drop the last batch's stacked caches, and on a CPU give the heap that a burst of
+        batched steps left free back to the system (glibc keeps freed mid-size blocks otherwise, and a
+        server's resident memory would stay at its busiest)."""
+        self._stacked = None
+        self._ran = False
+        if self.engine.model.device.type == "cpu" and _LIBC is not None:
+            _LIBC.malloc_trim(0)
 
     @staticmethod
     def _runnable(ticket: _Ticket) -> bool:
@@ -269,6 +285,7 @@ class Scheduler:
             for ticket, values in zip(syncs, flags):
                 self._advance(ticket, values)
         if forwards:
+            self._ran = True
             self.steps_run += 1
             self.max_batch = max(self.max_batch, len(forwards))
             observer = self.engine.observer
@@ -291,18 +308,20 @@ class Scheduler:
                 if engine.model.device.type == "cuda":
                     torch.cuda.empty_cache()
             else:
-                for ticket, part_logits in zip(tickets, logits):
-                    self._advance(ticket, part_logits)
+                # Each part's logits are a view of the batch's [B, L, V] buffer: handed over without keeping a
+                # reference here, so the buffer goes as soon as the last request done with it lets go.
+                for ticket in tickets:
+                    self._advance(ticket, logits.pop(0))
                 return
         else:
             self._stacked = None
         for ticket in tickets:
             try:
-                part_logits = run_alone(engine, ticket.pending)
+                own = [run_alone(engine, ticket.pending)]
             except Exception as e:  # thrown into the request, which turns OOM into its own error
                 self._advance(ticket, None, error=e)
             else:
-                self._advance(ticket, part_logits)
+                self._advance(ticket, own.pop())
 
     def _advance(self, ticket: _Ticket, value: Any, error: BaseException | None = None) -> None:
         """Run a request's coroutine until it needs the model again, passing its events on."""

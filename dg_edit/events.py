@@ -70,8 +70,9 @@ class Done:
             "steps": self.steps,
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "ms": round(self.ms, 1),
-            "waited_ms": round(self.waited_ms, 1),
         }
+        if self.steps:  # the model ran it, after waiting for room in its batch (answers without steps never wait)
+            out["waited_ms"] = round(self.waited_ms, 1)
         if self.typed_ahead:
             out["typed_ahead"] = True
         return out

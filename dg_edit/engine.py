@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import hf_adapter as hf, sampler, step as step_fn
-from .scheduler import Forward, Scheduler, Sync, client_key, drive_alone
+from .scheduler import PAUSE, Forward, Scheduler, Sync, client_key, drive_alone
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .events import Done, Step, Token
@@ -623,15 +623,16 @@ class Engine:
         # 1.a Encode the prefix. Sessions reuse their document's cached strip, encoding in
         # position-aligned chunks (warm == cold, bitwise); one-off requests encode in one pass, as
         # generate does.
-        with self._lock, self._inference():
-            if request.session is not None:
-                # no prefix in this window is longer than a window (plus an instruction before it)
-                limit = max(len(request.prefix_ids), self.window_tokens)
-                cache, n_encoded = self.caches.encode(model, request.session, request.window, request.prefix_ids,
-                                                      limit=limit)
-            else:
+        if request.session is not None:
+            # no prefix in this window is longer than a window (plus an instruction before it); one chunk
+            # at a time, so that other requests' steps run in between (a cold prefix delays them a chunk)
+            limit = max(len(request.prefix_ids), self.window_tokens)
+            cache, n_encoded = yield from self._in_pieces(
+                self.caches.encode_steps(model, request.session, request.window, request.prefix_ids, limit=limit))
+        else:
+            with self._lock, self._inference():
                 cache, n_encoded = encode_prefix(model, request.prefix_ids)
-            self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
+        self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
         cur_len = len(request.prefix_ids)
         middle: list[int] = []
         steps_total = 0
@@ -687,6 +688,17 @@ class Engine:
                     scores=scores, encoded=n_encoded, prefix_tokens=len(request.prefix_ids))
         self._remember(request, done)  # before the yield: a consumer may stop at the Done
         yield done
+
+    def _in_pieces(self, pieces):
+        """Run a generator of model work one piece at a time, each under the lock, giving way (`PAUSE`) to
+        the other requests' steps between pieces; its return value."""
+        while True:
+            with self._lock, self._inference():
+                try:
+                    next(pieces)
+                except StopIteration as stop:
+                    return stop.value
+            yield PAUSE
 
     def _denoise_block(self, cache, layout: Layout, request: _Request, stop_ids: set[int], middle_so_far: list[int],
                        with_steps: bool, step_offset: int, t0: float):

@@ -239,3 +239,32 @@ def test_done_json_reports_the_queue_wait(batching):
     engine = Engine(model, tok, settings=Settings(batching=batching))
     done = engine.infill("x = 1\n", "", max_new_tokens=4, seed=0)
     assert "waited_ms" in done.to_json() and done.waited_ms >= 0.0
+
+
+def test_a_long_cold_prefix_is_encoded_a_chunk_per_step_between_the_others_steps():
+    model, tok = exact_pair()
+    settings = Settings(typed_ahead=False, idle_prefill=False, prefix_chunk=16)
+    engine = Engine(model, tok, settings=settings)
+    long_prefix = PREFIXES[2] * 4  # ~20 chunks of 16 tokens, none cached yet
+    want = Engine(model, tok, settings=settings).infill(long_prefix, "", max_new_tokens=8, seed=5, session="b:doc")
+    calls: list[str] = []
+    hf.encoder_module(model).register_forward_pre_hook(lambda *a: calls.append("E"))
+    model.register_forward_pre_hook(lambda *a: calls.append("D"))
+    started = threading.Event()
+
+    def steady():
+        for event in engine.stream(PREFIXES[1], "", max_new_tokens=16, seed=2, max_denoising_steps=48,
+                                   confidence_threshold=1e-30, stability_threshold=48):
+            started.set()
+        return event
+
+    def cold():
+        started.wait(60)
+        return engine.infill(long_prefix, "", max_new_tokens=8, seed=5, session="b:doc")
+
+    results = together([steady, cold])
+    assert results[1] == want  # chunked between other steps == encoded at once
+    trace = "".join(calls)
+    first_e, last_e = trace.index("E", trace.index("D")), trace.rindex("E")
+    encoding = trace[first_e : last_e + 1]
+    assert encoding.count("E") >= 10 and "EE" not in encoding, trace  # one chunk, then the others' step

@@ -106,12 +106,13 @@ def install(model, tokenizer, spec: str) -> Fault:
             with lock:
                 step = marked.get(cache, 0)
             if step >= max(fault.arg, 1):
-                output.logits[start:end] = float("nan")  # that request's rows only
+                output.last_hidden_state[start:end] = float("nan")  # that request's rows only: NaN logits
         return output
 
     hf.encoder_module(model).register_forward_pre_hook(on_encode, with_kwargs=True)
-    model.register_forward_pre_hook(on_decode, with_kwargs=True)
-    model.register_forward_hook(after_decode, with_kwargs=True)
+    # On the decoder itself: a batched step (dg_edit/scheduler.py) runs it without the model's own forward.
+    hf.decoder_module(model).register_forward_pre_hook(on_decode, with_kwargs=True)
+    hf.decoder_module(model).register_forward_hook(after_decode, with_kwargs=True)
     print(f"dg-edit: WARNING: test fault injection is on ({FAULT_ENV}={spec}): requests containing "
           f"{MARKER} will fail", file=sys.stderr, flush=True)
     return fault

@@ -465,7 +465,7 @@ def batched_decoder_forward(model, batch: StackedBatch, parts: list[BatchPart]) 
     b_total, width = batch.position_ids.shape
     canvas = torch.zeros((b_total, width), dtype=parts[0].canvas.dtype, device=device)
     have = [p.self_conditioning_logits is not None for p in parts]
-    sc = sc_mask = None
+    sc = sc_mask = first = None
     if any(have):
         first = next(p.self_conditioning_logits for p in parts if p.self_conditioning_logits is not None)
         if all(have) and all(w == width for w in batch.widths):
@@ -483,14 +483,16 @@ def batched_decoder_forward(model, batch: StackedBatch, parts: list[BatchPart]) 
             sc_mask[r : r + b] = True
         r += b
     extra = {"self_conditioning_mask": sc_mask} if sc_mask is not None and not bool(sc_mask.all()) else {}
-    out = model(decoder_input_ids=canvas, self_conditioning_logits=sc, decoder_attention_mask=batch.masks,
-                decoder_position_ids=batch.position_ids,
-                **_kw("DiffusionGemmaForBlockDiffusion.forward", batch.cache), **extra)
-    logits = out.logits  # [B, L_max, V]
+    del first
+    hidden = model.model.decoder(decoder_input_ids=canvas, self_conditioning_logits=sc,
+                                 decoder_attention_mask=batch.masks, decoder_position_ids=batch.position_ids,
+                                 **_kw("DiffusionGemmaDecoderModel.forward", batch.cache), **extra).last_hidden_state
+    del sc
+    # The LM head per part, over its real positions only: no vocabulary-wide work on batch pad, and each
+    # part's [b, L, V] logits are its own (no shared buffer kept alive by the slowest part).
     result, r = [], 0
     for b, w in zip(batch.rows, batch.widths):
-        part = logits[r : r + b, :w]
-        result.append(part if w == width else part.contiguous())
+        result.append(logits_from_hidden(model, hidden[r : r + b, :w]))
         r += b
     return result
 

@@ -215,11 +215,18 @@ class Scheduler:
         if self.engine.model.device.type == "cpu" and _LIBC is not None:
             _LIBC.malloc_trim(0)
 
-    @staticmethod
-    def _runnable(ticket: _Ticket) -> bool:
+    def _runnable(self, ticket: _Ticket) -> bool:
         if ticket.cancelled or ticket.pending is None or isinstance(ticket.pending, Pause):
             return True
-        return isinstance(ticket.pending, Forward) and ticket.asked > ticket.given
+        return isinstance(ticket.pending, Forward) and self._wanted(ticket)
+
+    def _wanted(self, ticket: _Ticket) -> bool:
+        """Its consumer wants its next step: it is waiting for an event now or, while other requests share
+        the forwards, it has taken every event but the last (one step of lookahead, so that a consumer a
+        moment late does not hold the batch up; a stream closed then runs at most that one step more)."""
+        if ticket.asked > ticket.given:
+            return True
+        return len(self._active) > 1 and ticket.asked >= ticket.given
 
     def _gather(self) -> list[_Ticket]:
         """The requests whose forward runs this step: every one parked on a forward whose consumer has asked
@@ -228,7 +235,7 @@ class Scheduler:
         with self._cond:
             while True:
                 parked = [t for t in self._active if isinstance(t.pending, Forward) and not t.cancelled]
-                ready = [t for t in parked if t.asked > t.given]
+                ready = [t for t in parked if self._wanted(t)]
                 left = deadline - time.perf_counter()
                 if len(ready) == len(parked) or left <= 0:
                     return ready

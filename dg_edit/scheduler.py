@@ -26,6 +26,7 @@ the same order) a request's coroutine is driven in the consumer's thread.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import dataclasses
@@ -33,6 +34,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Generator, Iterator
@@ -64,6 +66,7 @@ class Pause:
 
 PAUSE = Pause()
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+IDLE_EXIT_S = 60.0  # an idle scheduler's thread ends after this long; the next request starts another
 GATHER_S = 0.01  # longest a step waits for a consumer that has not yet asked for its request's next step
 RequestSteps = Generator[Any, Any, None]
 
@@ -127,6 +130,17 @@ class _Ticket:
         self.pending: Any = None  # Forward | Sync | Pause | None (runs on at the next step)
 
 
+_RUNNING: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()  # schedulers whose thread may be alive
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Stop every scheduler thread before the interpreter finalizes: a daemon thread still inside a torch
+    kernel then aborts the process (exit code 134), as dg_edit/prefill.py explains."""
+    for scheduler in list(_RUNNING):
+        scheduler.stop(timeout=10.0)
+
+
 class Scheduler:
     """Owns the model for every request of one engine (see the module docstring)."""
 
@@ -174,15 +188,21 @@ class Scheduler:
         with self._cond:
             return sum(len(q) for q in self._waiting.values())
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Fail what is waiting or running ("the engine was closed") and end the thread (waiting up to
+        `timeout` for the step in progress)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+            thread = self._thread
+        if timeout is not None and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="dg-edit-scheduler", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -195,7 +215,9 @@ class Scheduler:
                         break
                     if not self._active and not self._waiting and self._ran:
                         self._idle()
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_EXIT_S) and not self._active and not self._waiting:
+                        self._thread = None  # idle: the thread ends (an engine replaced by another leaves none)
+                        return
                 if self._stopped:
                     leftover = self._active + [t for q in self._waiting.values() for t in q]
                     self._active, self._waiting = [], OrderedDict()

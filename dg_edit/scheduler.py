@@ -30,6 +30,7 @@ import atexit
 import ctypes
 import ctypes.util
 import dataclasses
+import logging
 import queue
 import sys
 import threading
@@ -65,6 +66,7 @@ class Pause:
 
 
 PAUSE = Pause()
+_LOG = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 IDLE_EXIT_S = 60.0  # an idle scheduler's thread ends after this long; the next request starts another
 GATHER_S = 0.01  # longest a step waits for a consumer that has not yet asked for its request's next step
@@ -242,13 +244,11 @@ class Scheduler:
             return True
         return isinstance(ticket.pending, Forward) and self._wanted(ticket)
 
-    def _wanted(self, ticket: _Ticket) -> bool:
-        """Its consumer wants its next step: it is waiting for an event now or, while other requests share
-        the forwards, it has taken every event but the last (one step of lookahead, so that a consumer a
-        moment late does not hold the batch up; a stream closed then runs at most that one step more)."""
-        if ticket.asked > ticket.given:
-            return True
-        return len(self._active) > 1 and ticket.asked >= ticket.given
+    @staticmethod
+    def _wanted(ticket: _Ticket) -> bool:
+        """Its consumer wants its next step: it is waiting for an event now (a stream not read runs no step,
+        as a plain generator; `_gather` waits a moment for consumers that are about to ask)."""
+        return ticket.asked > ticket.given
 
     def _gather(self) -> list[_Ticket]:
         """The requests whose forward runs this step: every one parked on a forward whose consumer has asked
@@ -370,19 +370,34 @@ class Scheduler:
                 return
             ticket.pending = None
             if isinstance(item, Done):
-                item = dataclasses.replace(item, waited_ms=ticket.waited_s * 1000.0)
+                # The request is over: let its coroutine unwind (its tensors go) before its consumer hears.
+                done = dataclasses.replace(item, waited_ms=ticket.waited_s * 1000.0)
+                try:
+                    ticket.steps.send(None)
+                    ticket.steps.close()  # it went on after its answer: stopped here
+                except StopIteration:
+                    pass
+                except Exception:  # noqa: BLE001 - the answer stands; the unwinding's failure is logged
+                    _LOG.exception("a request failed while unwinding after its answer")
+                self._finish(ticket, last=done)
+                return
             ticket.given += 1
             ticket.events.put(item)
 
-    def _finish(self, ticket: _Ticket, close: bool = False) -> None:
+    def _finish(self, ticket: _Ticket, close: bool = False, last: Done | None = None) -> None:
         if close:
             ticket.steps.close()
         ticket.pending = None
-        ticket.events.put(_END)
         with self._cond:
             if ticket in self._active:
                 self._active.remove(ticket)
+            if not self._active and not self._waiting and self._ran:
+                self._idle()  # before the last answer goes out: the service is at rest when its client hears
             self._cond.notify_all()
+        if last is not None:
+            ticket.given += 1
+            ticket.events.put(last)
+        ticket.events.put(_END)
 
 
 def client_key(session: str | None) -> str:

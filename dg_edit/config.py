@@ -150,6 +150,8 @@ class Settings:
     | edit_history_edits | 8 | recent edits per document kept (and shown to the model) for next-edit prediction |
     | edit_history_chars | 2000 | characters (old and new text) of those edits together |
     | edit_history_sessions | 64 | documents with an edit history; the least recently edited go first |
+    | batching | true | run the steps of concurrent requests as one decoder forward (dg_edit/scheduler.py); false = one request at a time |
+    | batch_rows | 0 | most canvas rows in one forward (a request's candidate rows are one unit); beyond, requests wait in order, fairly across clients; 0 = as many as fit in memory (`dg-edit plan` says how many), up to 256 |
     | compile_step | false | run the step's tensor work through torch.compile (dg_edit/step.py; bench/memory.py measures it) |
     | sampling | {} | overrides of SamplingConfig names |
     """
@@ -180,6 +182,8 @@ class Settings:
     edit_history_edits: int = 8
     edit_history_chars: int = 2000
     edit_history_sessions: int = 64
+    batching: bool = True
+    batch_rows: int = 0
     compile_step: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
@@ -191,8 +195,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_suffix_tokens < 0 or self.suffix_head_tokens < 0 or self.max_extra_tokens < 0:
             raise ValueError("max_suffix_tokens, suffix_head_tokens and max_extra_tokens must be >= 0")
-        if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0:
-            raise ValueError("cache_budget_mb and idle_prefill_ms must be >= 0")
+        if self.cache_budget_mb < 0 or self.idle_prefill_ms < 0 or self.batch_rows < 0:
+            raise ValueError("cache_budget_mb, idle_prefill_ms and batch_rows must be >= 0")
         if not 0.0 <= self.next_edit_strength <= 1.0 or not 0.0 <= self.next_edit_min_score <= 1.0:
             raise ValueError("next_edit_strength and next_edit_min_score must be in [0, 1]")
         if self.request_timeout_s <= 0:

@@ -121,6 +121,10 @@ class Mirror:
     def __init__(self, engine):
         from . import hf_adapter as hf
 
+        # Each request runs in the thread that steps it, one forward at a time: a rank's own scheduler would
+        # batch by its own timing, and the ranks' collectives would no longer meet. (Batching across ranks
+        # needs rank 0 to broadcast each step's batch: not done yet.)
+        engine.run_alone()
         self.engines: dict[int, Any] = {0: engine}
         self.streams: dict[int, Iterator] = {}
         self.outcome = 0  # fingerprint of the last command's result
@@ -431,6 +435,15 @@ class ParallelEngine:
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
+
+    @property
+    def observer(self):
+        """Rank 0's engine's step observer (`dg-edit serve` sets its metrics here, on this wrapper)."""
+        return self._engine.observer
+
+    @observer.setter
+    def observer(self, value) -> None:
+        self._engine.observer = value
 
     def _open(self, method: str, args: tuple, kwargs: dict) -> _RemoteStream:
         if kwargs.get("seed") is None:  # every rank must draw the same noise: rank 0 picks the seed

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import hf_adapter as hf, next_edit as next_edit_fn, sampler, step as step_fn
+from .scheduler import PAUSE, Forward, Scheduler, Sync, client_key, drive_alone
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .edits import TextEdit
@@ -43,7 +44,7 @@ from .events import Done, Step, Token
 from .faults import FAULT_ENV, install as install_fault
 from .loading import LoadOptions, load_model
 from .prefill import Prefiller
-from .plan import kv_bytes_per_token
+from .plan import MAX_AUTO_ROWS, device_budget, kv_bytes_per_token, rows_that_fit
 from .prefix_cache import CacheStore, encode_chunk, encode_prefix
 from .typed_ahead import Answer, rest_after_typing
 from .windows import Window, char_start, document_windows, token_drop
@@ -154,10 +155,24 @@ class Engine:
         self._answers_lock = threading.Lock()
         self._newline_tokens: torch.Tensor | None = None  # [V] bool, built on first use (see _line_ends)
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
-        # Told about every denoising step and admission (`on_step`, `on_admit`): `dg-edit serve` sets its
-        # metrics here (dg_edit.serve.metrics). None: nobody is listening.
-        self.observer = None
         self.last_prefix_len = 0
+        # One thread runs every request's steps, one decoder forward per step for all (dg_edit/scheduler.py);
+        # None: each request runs in its consumer's thread (--parallel: every rank runs the same calls).
+        self.scheduler: Scheduler | None = Scheduler(self, self._batch_rows(), self.settings.batching)
+        # Told about every batched step and admission: `dg-edit serve` sets its metrics here
+        # (dg_edit.serve.metrics): .on_step(rows, requests, seconds, queue_depth), .on_admit(waited_seconds).
+        self.observer = None
+
+    def _batch_rows(self) -> int:
+        """Canvas rows the scheduler admits at once: `Settings.batch_rows`, or (0) as many as fit in the memory
+        free now, beside the weights already loaded and the document caches' budget (`dg_edit.plan`)."""
+        if self.settings.batch_rows:
+            return self.settings.batch_rows
+        device = str(self.model.device)
+        free, _ = device_budget(device)
+        free -= self.caches.budget_bytes  # the document caches may grow to their budget
+        rows = rows_that_fit(self.model.config, self.model.dtype, self.canvas_length, self.window_tokens, free, device)
+        return max(1, min(MAX_AUTO_ROWS, rows))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -204,7 +219,18 @@ class Engine:
 
     def with_settings(self, settings: Settings) -> "Engine":
         """An engine over the same loaded model with other settings (window sizes, sampling); fresh caches."""
-        return Engine(self.model, self.tokenizer, sampling=self.sampling, settings=settings, name=self.name)
+        engine = Engine(self.model, self.tokenizer, sampling=self.sampling, settings=settings, name=self.name)
+        if self.scheduler is None:
+            engine.run_alone()
+        engine.observer = self.observer
+        return engine
+
+    def run_alone(self) -> None:
+        """Run each request in its consumer's thread, one forward at a time, no scheduler thread (--parallel:
+        every rank must run the same model calls in the same order, which a rank's own batching would not)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.scheduler = None
 
     def info(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -447,6 +473,8 @@ class Engine:
         what they hold)."""
         self._prefill.shutdown()
         self._next_edits.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         with self._lock:
             for session in self.caches.sessions():
                 self.caches.forget(session)
@@ -639,7 +667,26 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _guarded(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
-        """`_run`, with running out of memory turned into `ModelOutOfMemory` for this request only.
+        """The request's events: its steps run by the scheduler (batched with other requests), or alone."""
+        steps = self._request_steps(request, with_steps)
+        if self.scheduler is None:
+            return drive_alone(self, steps)
+        return self.scheduler.events(steps, self._rows(request), client_key(request.session))
+
+    def _rows(self, request: _Request) -> int:
+        """Canvas rows the request's first block takes (its candidates), for admission by rows."""
+        if request.init_middle is not None:
+            return 1
+        if request.lengths is not None:
+            return len(request.lengths)
+        s = len(request.suffix_head)
+        if s and request.max_new_tokens + s <= max(self.canvas_length, 8 + s):
+            return len(candidate_lengths(request.max_new_tokens))
+        return 1
+
+    def _request_steps(self, request: _Request, with_steps: bool):
+        """`_run` as a coroutine of `Forward`/`Sync` asks and `Step`/`Done` events, with running out of
+        memory turned into `ModelOutOfMemory` for this request only.
 
         The request's own tensors go when its generator unwinds; the document's prefix cache may be
         half-written and is dropped too, and a GPU's cached blocks go back to the driver, so the next
@@ -672,15 +719,16 @@ class Engine:
         # 1.a Encode the prefix. Sessions reuse their document's cached strip, encoding in
         # position-aligned chunks (warm == cold, bitwise); one-off requests encode in one pass, as
         # generate does.
-        with self._lock, self._inference():
-            if request.session is not None:
-                # no prefix in this window is longer than a window (plus an instruction before it)
-                limit = max(len(request.prefix_ids), self.window_tokens)
-                cache, n_encoded = self.caches.encode(model, request.session, request.window, request.prefix_ids,
-                                                      limit=limit)
-            else:
+        if request.session is not None:
+            # no prefix in this window is longer than a window (plus an instruction before it); one chunk
+            # at a time, so that other requests' steps run in between (a cold prefix delays them a chunk)
+            limit = max(len(request.prefix_ids), self.window_tokens)
+            cache, n_encoded = yield from self._in_pieces(
+                self.caches.encode_steps(model, request.session, request.window, request.prefix_ids, limit=limit))
+        else:
+            with self._lock, self._inference():
                 cache, n_encoded = encode_prefix(model, request.prefix_ids)
-            self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
+        self.last_encoded, self.last_prefix_len = n_encoded, len(request.prefix_ids)
         cur_len = len(request.prefix_ids)
         middle: list[int] = []
         steps_total = 0
@@ -737,6 +785,17 @@ class Engine:
         self._remember(request, done)  # before the yield: a consumer may stop at the Done
         yield done
 
+    def _in_pieces(self, pieces):
+        """Run a generator of model work one piece at a time, each under the lock, giving way (`PAUSE`) to
+        the other requests' steps between pieces; its return value."""
+        while True:
+            with self._lock, self._inference():
+                try:
+                    next(pieces)
+                except StopIteration as stop:
+                    return stop.value
+            yield PAUSE
+
     def _denoise_block(self, cache, layout: Layout, request: _Request, stop_ids: set[int], middle_so_far: list[int],
                        with_steps: bool, step_offset: int, t0: float):
         """Steps 1.b–1.d for one canvas. Yields `Step`s; returns a `_BlockResult`."""
@@ -769,72 +828,71 @@ class Engine:
             current_canvas = sampler.initial_canvas(b, width, self.vocab_size, cfg, generator, device)
         if fixed:
             current_canvas = torch.where(layout.clamped, layout.clamped_ids, current_canvas)
-        argmax_canvas = current_canvas
         self_conditioning_logits = None
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
         any_finished = False  # host copy of finished.any(), from the previous step's one sync
         forwards = 0  # decoder passes run, counting up; each runs every row, finished or not
-        history = None
         embeddings_dtype = hf.embedding_dtype(model)
         # Absorbing noise: token log-probabilities recorded as positions are unmasked (for the row choice).
         absorbing = cfg.noise == "mask"
         token_logp = torch.zeros((b, width), dtype=torch.float32, device=device) if absorbing else None
         line_ends = self._line_ends(stop_ids) if absorbing and request.single_line else None  # [V] bool
+        state = step_fn.StepState(current_canvas=current_canvas, argmax_canvas=current_canvas,
+                                  finished=torch.zeros(b, dtype=torch.bool, device=device), history=None,
+                                  token_logp=token_logp)
+        masks = step_fn.StepMasks(candidates=candidates, keep=keep,
+                                  clamped=layout.clamped if fixed else None,
+                                  clamped_ids=layout.clamped_ids if fixed else None,
+                                  middle=layout.middle if line_ends is not None else None, line_ends=line_ends)
         spec = step_fn.StepSpec(cfg=cfg, vocab_size=self.vocab_size, draw=draw, fixed=fixed,
                                 single_line=line_ends is not None)
         compiled = self._compiled_step() if self.settings.compile_step else None
+        position_ids = layout.position_ids[:1] if not fixed else layout.position_ids
         # 1.c Denoising steps; steps_remaining counts down N..1 like the reference's cur_step.
         for steps_remaining in reversed(range(1, steps_remaining_start + 1)):
             forwards += 1
-            step_started = time.perf_counter()
+            # 1.c.i Decoder forward with self-conditioning: the scheduler runs it, in one pass with the
+            # canvases of every other request of this step.
+            processed_logits = yield Forward(  # [B, L, V]
+                hf.BatchPart(batch_cache, state.current_canvas, position_ids, layout.attention_mask,
+                             self_conditioning_logits), mask_mapping)
             with self._lock, self._inference():
-                # 1.c.i Decoder forward with self-conditioning.
-                processed_logits = hf.decoder_forward(  # [B, L, V]
-                    model, batch_cache, current_canvas,
-                    layout.position_ids[:1] if not fixed else layout.position_ids,
-                    mask_mapping, self_conditioning_logits)
                 # 1.c.ii Temperature, in place: the raw logits are not needed again.
                 sampler.temperature_scale_(processed_logits, steps_remaining, cfg)
                 if any_finished:
                     # Finished rows keep last step's logits (the reference's where(), done in place and
                     # before sampling: their draws are discarded, and draws do not depend on the values).
-                    torch.where(finished[:, None, None], self_conditioning_logits, processed_logits,
+                    torch.where(state.finished[:, None, None], self_conditioning_logits, processed_logits,
                                 out=processed_logits)
                 self_conditioning_logits = None  # the one [B, L, V] buffer beyond this step's logits
-                was_masked = current_canvas == cfg.mask_token_id if absorbing else None  # [B, L]
-                need = step_fn.need_mask(spec, current_canvas, candidates)
+                was_masked = state.current_canvas == cfg.mask_token_id if absorbing else None  # [B, L]
+                need = step_fn.need_mask(spec, state.current_canvas, candidates)
                 if compiled is not None:
                     noise = step_fn.draw_noise(spec, b, width, generator, device)
-                    vocab = compiled.vocab_pass(processed_logits, current_canvas, need, spec, noise)
+                    vocab = compiled.vocab_pass(processed_logits, state.current_canvas, need, spec, noise)
                     update = compiled.update
                 else:
-                    vocab = step_fn.vocab_pass(processed_logits, current_canvas, need, spec, generator)
+                    vocab = step_fn.vocab_pass(processed_logits, state.current_canvas, need, spec, generator)
                     update = step_fn.update
                 # 1.c.iii Accept by entropy bound, renoise the rest; 1.c.iv stop test per row.
                 noise_canvas = sampler.initial_canvas(b, width, self.vocab_size, cfg, generator, device)
-                out = update(spec, vocab, current_canvas, argmax_canvas, noise_canvas, finished, history,
-                             token_logp, was_masked, candidates, keep,
-                             layout.clamped if fixed else None, layout.clamped_ids if fixed else None,
-                             layout.middle if line_ends is not None else None, line_ends)
-                current_canvas, argmax_canvas, accepted = out.current_canvas, out.argmax_canvas, out.accepted
-                finished, history, token_logp = out.finished, out.history, out.token_logp
+                out = update(spec, vocab, state, noise_canvas, was_masked, masks)
+                state, accepted = out.state, out.accepted
                 # 1.c.v Self-conditioning for the next step (no copy when the embeddings are float32).
                 self_conditioning_logits = processed_logits.to(embeddings_dtype)
-                # The step's one host sync. NaN/inf logits make NaN entropy: raised here, before a garbage
-                # draft can be shown.
-                nonfinite, any_finished, all_finished = out.flags.tolist()
-                if nonfinite:
-                    raise sampler.NonFiniteLogits()
-            if self.observer is not None:  # after the host sync: the step's time is the device's too
-                self.observer.on_step(rows=b, requests=1, seconds=time.perf_counter() - step_started, queue_depth=0)
+            # The step's one host sync, taken with every other request's. NaN/inf logits make NaN entropy:
+            # raised here, before a garbage draft can be shown.
+            nonfinite, any_finished, all_finished = yield Sync(out.flags)
+            if nonfinite:
+                raise sampler.NonFiniteLogits()
             if with_steps:
                 step_no = step_offset + forwards
-                yield self._step_event(layout, current_canvas, argmax_canvas, accepted, processed_logits, stop_ids,
-                                       middle_so_far, step_no, step_offset + steps_remaining_start, t0, request,
-                                       token_logp, line_ends)
+                yield self._step_event(layout, state.current_canvas, state.argmax_canvas, accepted, processed_logits,
+                                       stop_ids, middle_so_far, step_no, step_offset + steps_remaining_start, t0,
+                                       request, state.token_logp, line_ends)
             del processed_logits
             if all_finished:
                 break
+        argmax_canvas, token_logp = state.argmax_canvas, state.token_logp
         # 1.d Choose the row.
         row, scores = self._choose_row(layout, argmax_canvas, self_conditioning_logits, stop_ids, token_logp,
                                        line_ends)

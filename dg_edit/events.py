@@ -66,6 +66,8 @@ class Done:
     edits: tuple[Any, ...] = ()  # dg_edit.edits.TextEdit
     window: tuple[int, int] | None = None
     prepared: bool = field(default=False, compare=False)
+    # Time the request waited for room in the batch before its first step (`ms` counts from then on).
+    waited_ms: float = field(default=0.0, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -75,6 +77,8 @@ class Done:
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "ms": round(self.ms, 1),
         }
+        if self.steps:  # the model ran it, after waiting for room in its batch (answers without steps never wait)
+            out["waited_ms"] = round(self.waited_ms, 1)
         if self.typed_ahead:
             out["typed_ahead"] = True
         if self.window is not None:

@@ -72,15 +72,25 @@ def install(model, tokenizer, spec: str) -> Fault:
             with lock:
                 marked.setdefault(cache, 0)
 
-    def on_decode(module, args, kwargs):
+    def marked_rows(kwargs) -> list[tuple[object, int, int | None]]:
+        """(cache, first row, end row) of the marked requests in this decoder forward: a request alone, or
+        the members of a batched forward (dg_edit/scheduler.py), each with its own cache."""
         cache = hf.hook_cache(kwargs)
         if kwargs.get("decoder_input_ids") is None or cache is None:
+            return []
+        members = hf.batch_members(cache) or ((cache, 0, None),)
+        return [m for m in members if m[0] in marked]
+
+    def on_decode(module, args, kwargs):
+        hits = marked_rows(kwargs)
+        if not hits:
             return
         with lock:
-            if cache not in marked:
-                return
-            marked[cache] += 1
-            step = marked[cache]
+            steps = []
+            for cache, _, _ in hits:
+                marked[cache] += 1
+                steps.append(marked[cache])
+        step = max(steps)
         if fault.kind == "raise" and step >= fault.arg:
             raise RuntimeError(f"injected fault ({FAULT_ENV}=raise): the model failed at denoising step {step}")
         if fault.kind == "oom" and step >= fault.arg:
@@ -90,18 +100,19 @@ def install(model, tokenizer, spec: str) -> Fault:
             time.sleep(fault.arg)
 
     def after_decode(module, args, kwargs, output):
-        if fault.kind != "nan" or kwargs.get("decoder_input_ids") is None:
+        if fault.kind != "nan":
             return None
-        cache = hf.hook_cache(kwargs)
-        with lock:
-            step = marked.get(cache, 0) if cache is not None else 0
-        if step >= max(fault.arg, 1):
-            output.logits = output.logits.new_full(output.logits.shape, float("nan"))
+        for cache, start, end in marked_rows(kwargs):
+            with lock:
+                step = marked.get(cache, 0)
+            if step >= max(fault.arg, 1):
+                output.last_hidden_state[start:end] = float("nan")  # that request's rows only: NaN logits
         return output
 
     hf.encoder_module(model).register_forward_pre_hook(on_encode, with_kwargs=True)
-    model.register_forward_pre_hook(on_decode, with_kwargs=True)
-    model.register_forward_hook(after_decode, with_kwargs=True)
+    # On the decoder itself: a batched step (dg_edit/scheduler.py) runs it without the model's own forward.
+    hf.decoder_module(model).register_forward_pre_hook(on_decode, with_kwargs=True)
+    hf.decoder_module(model).register_forward_hook(after_decode, with_kwargs=True)
     print(f"dg-edit: WARNING: test fault injection is on ({FAULT_ENV}={spec}): requests containing "
           f"{MARKER} will fail", file=sys.stderr, flush=True)
     return fault

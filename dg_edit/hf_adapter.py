@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -143,6 +144,7 @@ def api() -> ModuleType:
         import transformers
         from transformers import (AutoConfig, AutoTokenizer, DiffusionGemmaConfig,  # noqa: F401
                                   DiffusionGemmaForBlockDiffusion, DynamicCache)
+        from transformers import masking_utils  # noqa: F401
         from transformers.models.diffusion_gemma import modeling_diffusion_gemma  # noqa: F401
     return transformers
 
@@ -359,6 +361,165 @@ def decoder_hidden(model, cache, canvas: torch.Tensor,  # [B, L]
                               self_conditioning_logits=self_conditioning_logits,
                               **_kw("DiffusionGemmaDecoderModel.forward", cache))
     return out.last_hidden_state
+
+
+# ------------------------------------------------------------------ several requests in one decoder forward
+_MEMBERS_ATTR = "_dg_edit_members"  # on a stacked cache: ((member cache, first row, end row), ...)
+
+
+class CannotBatch(ValueError):
+    """These canvases cannot share one decoder forward (the caller runs them one by one)."""
+
+
+@functools.cache
+def _takes_self_conditioning_mask() -> bool:
+    m = api().models.diffusion_gemma.modeling_diffusion_gemma
+    return "self_conditioning_mask" in inspect.signature(m.DiffusionGemmaDecoderModel.forward).parameters
+
+
+@dataclass
+class BatchPart:
+    """One request's share of a batched decoder forward: its canvas rows over its own encoder cache."""
+
+    cache: Any  # its encoder cache, already repeated to its rows (`batch_repeat`)
+    canvas: torch.Tensor  # [b, L] token ids
+    position_ids: torch.Tensor  # [1 or b, L]
+    attention_mask: torch.Tensor | None  # [b, T + L] bool (pad columns False); None: every position real
+    self_conditioning_logits: torch.Tensor | None  # [b, L, V]; None on its first step
+
+
+@dataclass
+class StackedBatch:
+    """The parts' caches padded to one length and stacked along the batch, with the masks that hide the
+    padding: built once per batch composition (`stack_batch`) and reused while the parts keep their
+    caches and layouts (`fits`)."""
+
+    key: tuple  # what the stack was built from (compared by identity and length)
+    sources: tuple  # the parts' caches and masks, held so that no other object can take their ids
+    cache: Any  # the stacked cache  [B, H, T_max, D] per layer
+    masks: dict  # layer pattern -> the decoder's mask in the installed attention implementation's format
+    rows: tuple[int, ...]
+    widths: tuple[int, ...]
+    position_ids: torch.Tensor  # [B, L_max]
+
+    def fits(self, parts: list[BatchPart]) -> bool:
+        return _batch_key(parts) == self.key
+
+
+def _batch_key(parts: list[BatchPart]) -> tuple:
+    return tuple((id(p.cache), p.cache.get_seq_length(), tuple(p.canvas.shape), id(p.attention_mask))
+                 for p in parts)
+
+
+def stack_batch(model, parts: list[BatchPart]) -> StackedBatch:
+    """Pad every part's encoder cache to the longest (per layer pattern: sliding layers hold fewer states)
+    and stack them along the batch; build the decoder masks that keep each row on its own prefix and on
+    its own canvas's real positions. Raises `CannotBatch` when the installed attention implementation
+    takes no explicit mask (padding would then be attended)."""
+    config = model.config
+    m = api().masking_utils
+    implementation = config._attn_implementation
+    if implementation not in m.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise CannotBatch(f"attention implementation {implementation!r} takes no padding mask")
+    device = model.device
+    rows = tuple(p.canvas.shape[0] for p in parts)
+    widths = tuple(p.canvas.shape[1] for p in parts)
+    b_total, width = sum(rows), max(widths)
+    layer_types = text_config(model).layer_types
+    stacked = new_cache(model)
+    kv_valid: dict[str, torch.Tensor] = {}  # pattern -> [B, T_max] bool
+    for i, layer in enumerate(stacked.layers):
+        keys = [p.cache.layers[i].keys for p in parts]  # [b, H, T, D] each
+        values = [p.cache.layers[i].values for p in parts]
+        t_max = max(k.shape[-2] for k in keys)
+        k0 = keys[0]
+        big_k = k0.new_zeros((b_total, k0.shape[1], t_max, k0.shape[3]))
+        big_v = values[0].new_zeros((b_total, values[0].shape[1], t_max, values[0].shape[3]))
+        valid = torch.zeros((b_total, t_max), dtype=torch.bool, device=device)
+        r = 0
+        for k, v, b in zip(keys, values, rows):
+            if k.shape[0] != b:
+                raise CannotBatch(f"a cache has {k.shape[0]} rows for a canvas of {b}")
+            t = k.shape[-2]
+            big_k[r : r + b, :, :t] = k
+            big_v[r : r + b, :, :t] = v
+            valid[r : r + b, :t] = True
+            r += b
+        layer.lazy_initialization(big_k, big_v)
+        layer.keys, layer.values = big_k, big_v
+        pattern = layer_types[i]
+        if pattern in kv_valid and not torch.equal(kv_valid[pattern], valid):
+            raise CannotBatch(f"layers of kind {pattern} hold different lengths")
+        kv_valid[pattern] = valid
+    canvas_valid = torch.zeros((b_total, width), dtype=torch.bool, device=device)
+    position_ids = torch.zeros((b_total, width), dtype=parts[0].position_ids.dtype, device=device)
+    r = 0
+    for p, b, w in zip(parts, rows, widths):
+        canvas_valid[r : r + b, :w] = True if p.attention_mask is None else p.attention_mask[:, -w:]
+        position_ids[r : r + b, :w] = p.position_ids.expand(b, w)
+        r += b
+    mask_interface = m.ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+    masks = {}
+    for pattern, valid in kv_valid.items():
+        attention_mask = torch.cat([valid, canvas_valid], dim=1)  # [B, T_max + L_max]
+        masks[pattern] = mask_interface(
+            batch_size=b_total, q_length=width, kv_length=attention_mask.shape[1], q_offset=0, kv_offset=0,
+            mask_function=m.bidirectional_mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False, local_size=None, dtype=model.dtype, config=text_config(model),
+            use_vmap=False, device=device)
+    members, r = [], 0
+    for p, b in zip(parts, rows):
+        members.append((p.cache, r, r + b))
+        r += b
+    setattr(stacked, _MEMBERS_ATTR, tuple(members))
+    return StackedBatch(_batch_key(parts), tuple((p.cache, p.attention_mask) for p in parts), stacked, masks,
+                        rows, widths, position_ids)
+
+
+def batch_members(cache) -> tuple:
+    """((member cache, first row, end row), ...) of a stacked cache; () for a request's own cache."""
+    return getattr(cache, _MEMBERS_ATTR, ())
+
+
+def batched_decoder_forward(model, batch: StackedBatch, parts: list[BatchPart]) -> list[torch.Tensor]:
+    """One decoder pass over every part's canvas; returns each part's logits [b, L, V] (float32).
+
+    Rows without self-conditioning logits yet (their first step) get a zeroed signal, as alone.
+    """
+    device = model.device
+    b_total, width = batch.position_ids.shape
+    canvas = torch.zeros((b_total, width), dtype=parts[0].canvas.dtype, device=device)
+    have = [p.self_conditioning_logits is not None for p in parts]
+    sc = sc_mask = first = None
+    if any(have):
+        first = next(p.self_conditioning_logits for p in parts if p.self_conditioning_logits is not None)
+        if all(have) and all(w == width for w in batch.widths):
+            sc = torch.cat([p.self_conditioning_logits for p in parts])
+        else:
+            if not all(have) and not _takes_self_conditioning_mask():
+                raise CannotBatch("this transformers release takes no per-row self-conditioning mask")
+            sc = first.new_zeros((b_total, width, first.shape[-1]))
+            sc_mask = torch.zeros(b_total, dtype=torch.bool, device=device)
+    r = 0
+    for p, b, w in zip(parts, batch.rows, batch.widths):
+        canvas[r : r + b, :w] = p.canvas
+        if sc is not None and sc_mask is not None and p.self_conditioning_logits is not None:
+            sc[r : r + b, :w] = p.self_conditioning_logits
+            sc_mask[r : r + b] = True
+        r += b
+    extra = {"self_conditioning_mask": sc_mask} if sc_mask is not None and not bool(sc_mask.all()) else {}
+    del first
+    hidden = model.model.decoder(decoder_input_ids=canvas, self_conditioning_logits=sc,
+                                 decoder_attention_mask=batch.masks, decoder_position_ids=batch.position_ids,
+                                 **_kw("DiffusionGemmaDecoderModel.forward", batch.cache), **extra).last_hidden_state
+    del sc
+    # The LM head per part, over its real positions only: no vocabulary-wide work on batch pad, and each
+    # part's [b, L, V] logits are its own (no shared buffer kept alive by the slowest part).
+    result, r = [], 0
+    for b, w in zip(batch.rows, batch.widths):
+        result.append(logits_from_hidden(model, hidden[r : r + b, :w]))
+        r += b
+    return result
 
 
 # ------------------------------------------------------------------ tensor and expert parallel (torchrun)

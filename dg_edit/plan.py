@@ -31,6 +31,7 @@ from . import hf_adapter as hf, quantize as q
 from .config import Settings
 
 DEFAULT_ROWS = 4  # candidate rows of one step (the issue's "4 rows x 256 slots")
+MAX_AUTO_ROWS = 256  # Settings.batch_rows = 0 admits as many canvas rows as fit, up to this many
 MARGIN_FRACTION = 0.05  # of the total: allocator fragmentation
 MARGIN_FIXED_CUDA = 1 << 30  # CUDA context, kernels and workspace
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -192,6 +193,22 @@ def step_bytes(config, dtype: torch.dtype, slots: int, rows: int, prefix_tokens:
     return {"vocab": vocab, "activations": hidden + experts + mlp + scores, "total": vocab + hidden + experts + mlp + scores}
 
 
+def row_bytes(config, dtype: torch.dtype, slots: int, prefix_tokens: int) -> int:
+    """What one more canvas row costs in a batched step (dg_edit/scheduler.py): its share of the step
+    (`step_bytes`), its encoder cache twice (its own, repeated per candidate row, and its copy in the
+    stacked batch cache), and one more [L, V] element per slot for the stacked self-conditioning logits."""
+    text = config.get_text_config(decoder=True)
+    return (step_bytes(config, dtype, slots, 1, prefix_tokens)["total"] + 2 * kv_bytes(config, dtype, prefix_tokens)
+            + slots * text.vocab_size * element_size(dtype))
+
+
+def rows_that_fit(config, dtype: torch.dtype, slots: int, prefix_tokens: int, free_bytes: int, device: str) -> int:
+    """Canvas rows of `slots` slots (each over a `prefix_tokens` prefix) that fit in `free_bytes` beside
+    what is already counted, keeping the plan's margin."""
+    usable = free_bytes - _margin(0, device)
+    return max(0, int(usable / (row_bytes(config, dtype, slots, prefix_tokens) * (1 + MARGIN_FRACTION))))
+
+
 # ------------------------------------------------------------------ the plan
 @dataclass
 class Plan:
@@ -221,6 +238,7 @@ class Plan:
     fits: bool | None
     quantization: dict[str, Any] = field(default_factory=dict)
     options_that_fit: list[str] = field(default_factory=list)
+    batch_rows_fit: int | None = None  # canvas rows of all requests' steps together that fit (Settings.batch_rows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +269,10 @@ class Plan:
         if self.budget_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"on {self.device:11} {verdict} in {gb(self.budget_bytes)} ({self.budget_source})")
+        if self.batch_rows_fit is not None and self.fits:
+            lines.append(f"batching       {self.batch_rows_fit:,} canvas rows of {self.slots} slots fit in one step "
+                         f"beside the weights and caches ({gb(self.budget_bytes - self.total_bytes)} left over; "
+                         "Settings.batch_rows, 0 = as many as fit)")
         if self.options_that_fit and not self.fits:
             lines.append("options that fit: " + "; ".join(self.options_that_fit))
         return "\n".join(lines) + "\n"
@@ -288,6 +310,9 @@ def make_plan(config, *, name: str = "", dtype: torch.dtype, quantize: str = "no
                 load_peak_bytes=load_peak, host_staging_bytes=weights.host_staging,
                 budget_bytes=budget_bytes, budget_source=budget_source, fits=fits,
                 quantization=q.describe(quantize))
+    if budget_bytes is not None:
+        # The plan counted `rows` rows of one step; what is left holds more rows of other requests' steps.
+        plan.batch_rows_fit = rows + rows_that_fit(config, dtype, slots, prefix_tokens, budget_bytes - total, device)
     if with_options and fits is False:
         plan.options_that_fit = _options_that_fit(config, plan, model)
     return plan

@@ -188,6 +188,12 @@ def encode_from(model, ids: list[int], strip: Strip | None, reuse: int, chunk: i
     Returns `(cache, new_keys, new_values)`: a batch-1 encoder cache for the decoder, and the states
     of positions reuse.. per layer ([1, H, len(ids) - reuse, D]) for the caller to keep.
     """
+    return drain(encode_from_steps(model, ids, strip, reuse, chunk))
+
+
+def encode_from_steps(model, ids: list[int], strip: Strip | None, reuse: int, chunk: int | None):
+    """`encode_from` as a generator that yields after each encoder chunk but the last (the scheduler
+    runs other requests' steps in between) and returns its result."""
     if strip is not None and reuse > 0:
         keys, values = strip.states(reuse)
         cache = hf.cache_from_states(model, keys, values, reuse)
@@ -199,11 +205,22 @@ def encode_from(model, ids: list[int], strip: Strip | None, reuse: int, chunk: i
     step = chunk or n_new
     hf.start_recording(cache)  # sliding layers keep the new states until `stop_recording` below
     for start in range(reuse, len(ids), step):
+        if start > reuse:
+            yield
         encode_chunk(model, cache, ids[start : start + step], start)
     new_keys = [k[..., -n_new:, :] for k, _ in hf.layer_states(cache)]
     new_values = [v[..., -n_new:, :] for _, v in hf.layer_states(cache)]
     hf.stop_recording(cache)  # sliding layers back to their window, as after a plain encoder pass
     return cache, new_keys, new_values
+
+
+def drain(steps):
+    """Run a generator of work pieces to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def encode_prefix(model, prefix_ids: list[int], strip: Strip | None = None, chunk: int | None = None):
@@ -351,6 +368,10 @@ class CacheStore:
         A request at a cursor inside the strip leaves it as it is. `limit`: the longest prefix a
         request in this window can have (buffer sizing). Returns (cache, n_encoded).
         """
+        return drain(self.encode_steps(model, session, key, ids, limit))
+
+    def encode_steps(self, model, session: str, key: Hashable, ids: list[int], limit: int = 0):
+        """`encode` as a generator that yields between encoder chunks (see `encode_from_steps`)."""
         chunk = self.chunk
         self.touch(session)
         strip = self._strip(session, key, ids)
@@ -360,7 +381,7 @@ class CacheStore:
             return hf.cache_from_states(model, keys, values, len(ids)), 0
         lcp = strip.lcp(ids)
         reuse = min(lcp, strip.length) // chunk * chunk
-        cache, new_keys, new_values = encode_from(model, ids, strip, reuse, chunk)
+        cache, new_keys, new_values = yield from encode_from_steps(model, ids, strip, reuse, chunk)
         extends = strip.length <= reuse
         edited = lcp < len(ids) - self.margin
         if extends or edited:

@@ -184,34 +184,44 @@ def draw_noise(spec: StepSpec, b: int, width: int, generator: torch.Generator | 
     return Noise(None, torch.rand((n, 1), generator=generator, device=device))
 
 
-class StepOut(NamedTuple):
+class StepState(NamedTuple):
+    """What one block's denoising carries from one step to the next (one object, not five arguments)."""
+
     current_canvas: torch.Tensor  # [B, L] what the decoder reads next step
     argmax_canvas: torch.Tensor  # [B, L] the draft
-    accepted: torch.Tensor  # [B, L] bool: taken from the denoiser this step
     finished: torch.Tensor  # [B] bool
-    history: torch.Tensor | None  # [K, B, L]
+    history: torch.Tensor | None  # [K, B, L] drafts of the last steps (stop test)
     token_logp: torch.Tensor | None  # [B, L] absorbing noise only
+
+
+class StepMasks(NamedTuple):
+    """What the layout fixes for every step of a block: None where it does not apply."""
+
+    candidates: torch.Tensor | None = None  # [B, L] bool, fixed layouts only
+    keep: torch.Tensor | None = None  # [B, L] bool: never renoised (clamped, pad), fixed layouts only
+    clamped: torch.Tensor | None = None  # [B, L] bool, fixed layouts only
+    clamped_ids: torch.Tensor | None = None  # [B, L], fixed layouts only
+    middle: torch.Tensor | None = None  # [B, L] bool, single-line only
+    line_ends: torch.Tensor | None = None  # [V] bool, single-line only
+
+
+class StepOut(NamedTuple):
+    state: StepState  # the state after this step
+    accepted: torch.Tensor  # [B, L] bool: taken from the denoiser this step
     stop: torch.Tensor  # [B] bool: rows that met the stop test this step
     flags: torch.Tensor  # [3] bool: non-finite entropy, any row finished, every row finished (the host sync)
 
 
 def update(spec: StepSpec,
            vocab: VocabResult,
-           current_canvas: torch.Tensor,  # [B, L]
-           argmax_canvas: torch.Tensor,  # [B, L] last step's draft
+           state: StepState,
            noise_canvas: torch.Tensor,  # [B, L] renoising draws (uniform tokens or all <mask>)
-           finished: torch.Tensor,  # [B] bool
-           history: torch.Tensor | None,  # [K, B, L]
-           token_logp: torch.Tensor | None,  # [B, L] absorbing noise only
            was_masked: torch.Tensor | None,  # [B, L] absorbing noise only
-           candidates: torch.Tensor | None,  # [B, L] bool, fixed layouts only
-           keep: torch.Tensor | None,  # [B, L] bool: never renoised (clamped, pad), fixed layouts only
-           clamped: torch.Tensor | None,  # [B, L] bool, fixed layouts only
-           clamped_ids: torch.Tensor | None,  # [B, L], fixed layouts only
-           middle: torch.Tensor | None,  # [B, L] bool, single-line only
-           line_ends: torch.Tensor | None,  # [V] bool, single-line only
+           masks: StepMasks,
            ) -> StepOut:
     """1.c.iii–iv on [B, L] tensors: accept by entropy bound, renoise the rest, stop test per row."""
+    current_canvas, argmax_canvas, finished, history, token_logp = state
+    candidates, keep, clamped, clamped_ids, middle, line_ends = masks
     accepted_canvas, accepted = sampler.entropy_bound_accept(current_canvas, vocab.denoiser_canvas, vocab.entropy,
                                                              spec.cfg.entropy_bound, candidates)
     renoise_mask = ~accepted if keep is None else ~accepted & ~keep
@@ -233,7 +243,7 @@ def update(spec: StepSpec,
         stop = stop | sampler.line_decided(new_current, line_ends, spec.cfg.mask_token_id, middle)
     finished = finished | stop
     flags = torch.stack((vocab.entropy.isnan().any(), finished.any(), finished.all()))
-    return StepOut(new_current, new_argmax, accepted, finished, history, new_token_logp, stop, flags)
+    return StepOut(StepState(new_current, new_argmax, finished, history, new_token_logp), accepted, stop, flags)
 
 
 class CompiledStep:

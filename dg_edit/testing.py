@@ -33,20 +33,19 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<mask>", "<instruction>", "</instr
 
 
 def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE trained in memory on a little Python (ids 0..5 are the special tokens)."""
-    import inspect
-
+    """A byte-level BPE trained in memory on a little Python (ids 0..5 are the special tokens): a frozen
+    copy of dg_edit/config.py (`dg_edit.testing_corpus`), so that editing the Settings does not change it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import dg_edit.config as corpus_module
+    from .testing_corpus import CORPUS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([inspect.getsource(corpus_module)], trainer=trainer)
+    tok.train_from_iterator([CORPUS], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    mask_token="<mask>")
 

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Engine settings that change how a request is tokenized and windowed, or how the engine keeps its
-# caches: changing them re-wraps the model (a new Engine, with empty caches).
+# Engine settings that change how a request is tokenized and windowed, how the engine keeps its caches
+# or how it batches requests: changing them re-wraps the model (a new Engine, with empty caches).
 _WINDOW_KEYS = ("max_prefix_tokens", "max_suffix_tokens", "suffix_head_tokens", "max_extra_tokens", "prefix_chunk",
-                "cache_budget_mb", "idle_prefill", "idle_prefill_ms", "typed_ahead")
+                "cache_budget_mb", "idle_prefill", "idle_prefill_ms", "typed_ahead", "batching", "batch_rows")
 
 
 class RequestFailed(JsonRpcException):

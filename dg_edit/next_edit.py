@@ -24,18 +24,19 @@ the model is least sure of), aimed by the recent edits:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
 import time
-from collections import OrderedDict
-import atexit
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .edits import EditHistory, TextEdit, diff_edits
 from .events import Done, Step
+from .scheduler import EngineClosed
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -372,6 +373,8 @@ class NextEditPreparer:
                             while len(self._ready) > _MAX_PREPARED:
                                 self._ready.popitem(last=False)
                         self.prepared += 1
+            except EngineClosed:  # closed meanwhile (replaced, or the program is ending): nobody will ask
+                self.abandoned += 1
             except Exception as e:  # reported in info() and the log; the thread serves other sessions
                 log.exception("preparing a next edit for %s failed", session)
                 self.last_error = f"{type(e).__name__}: {e}"

@@ -46,6 +46,10 @@ from . import hf_adapter as hf
 from .events import Done, Step
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (replaced, or its process is ending) before this request could run."""
+
+
 @dataclass
 class Forward:
     """A request's decoder pass for this step (what `hf.decoder_forward` takes when it runs alone)."""
@@ -172,7 +176,7 @@ class Scheduler:
         ticket = _Ticket(steps, rows, client)
         with self._cond:
             if self._stopped:
-                raise RuntimeError("the engine was closed")
+                raise EngineClosed("the engine was closed")
             self._waiting.setdefault(client, deque()).append(ticket)
             self._start()
             self._cond.notify_all()
@@ -234,7 +238,7 @@ class Scheduler:
             self._step(active)
         for ticket in leftover:
             ticket.steps.close()
-            ticket.events.put(_Failed(RuntimeError("the engine was closed")))
+            ticket.events.put(_Failed(EngineClosed("the engine was closed")))
 
     def _idle(self) -> None:
         """Nothing to run: drop the last batch's stacked caches, and on a CPU give the heap that a burst of
@@ -311,8 +315,7 @@ class Scheduler:
                 self._advance(ticket, None)
         # 3. One decoder forward over every canvas whose consumer wants its next step.
         forwards = self._gather()
-        if forwards:
-            self._forward(forwards)
+        ran = self._forward(forwards) if forwards else []
         # 4. One host sync for the whole batch.
         syncs = [t for t in self._active if isinstance(t.pending, Sync)]
         if syncs:
@@ -323,12 +326,14 @@ class Scheduler:
             self._ran = True
             self.steps_run += 1
             self.max_batch = max(self.max_batch, len(forwards))
+        if ran:  # a step is a decoder forward that gave logits: one that raised is its request's error
             observer = self.engine.observer
             if observer is not None:
-                observer.on_step(sum(t.rows for t in forwards), len(forwards), time.perf_counter() - t0,
-                                 self.queue_depth())
+                observer.on_step(sum(rows for rows in ran), len(ran), time.perf_counter() - t0, self.queue_depth())
 
-    def _forward(self, tickets: list[_Ticket]) -> None:
+    def _forward(self, tickets: list[_Ticket]) -> list[int]:
+        """One decoder forward for `tickets` (each alone if the batched one fails); the canvas rows of each
+        request whose forward gave logits."""
         engine = self.engine
         if len(tickets) > 1:
             parts = [t.pending.part for t in tickets]
@@ -345,18 +350,22 @@ class Scheduler:
             else:
                 # Each part's logits are a view of the batch's [B, L, V] buffer: handed over without keeping a
                 # reference here, so the buffer goes as soon as the last request done with it lets go.
+                rows = [t.rows for t in tickets]
                 for ticket in tickets:
                     self._advance(ticket, logits.pop(0))
-                return
+                return rows
         else:
             self._stacked = None
+        rows = []
         for ticket in tickets:
             try:
                 own = [run_alone(engine, ticket.pending)]
             except Exception as e:  # thrown into the request, which turns OOM into its own error
                 self._advance(ticket, None, error=e)
             else:
+                rows.append(ticket.rows)
                 self._advance(ticket, own.pop())
+        return rows
 
     def _advance(self, ticket: _Ticket, value: Any, error: BaseException | None = None) -> None:
         """Run a request's coroutine until it needs the model again, passing its events on."""

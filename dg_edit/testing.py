@@ -33,19 +33,24 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<mask>", "<instruction>", "</instr
 
 
 def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE trained in memory on a little Python (ids 0..5 are the special tokens): a frozen
-    copy of dg_edit/config.py (`dg_edit.testing_corpus`), so that editing the Settings does not change it."""
+    """A byte-level BPE trained in memory on a little Python (ids 0..5 are the special tokens).
+
+    Its corpus, `testing_corpus.txt`, is dg_edit/config.py as it read at commit f7282d7, kept as data: the
+    tokenizer used to be trained on config.py's live source, so every edit of a Settings docstring changed
+    its merges, hence the token ids and the random models' answers that seed-picked tests rely on."""
+    from importlib import resources
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .testing_corpus import CORPUS
+    corpus = resources.files("dg_edit").joinpath("testing_corpus.txt").read_text(encoding="utf-8")
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([CORPUS], trainer=trainer)
+    tok.train_from_iterator([corpus], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    mask_token="<mask>")
 

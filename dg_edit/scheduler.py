@@ -329,7 +329,7 @@ class Scheduler:
         if ran:  # a step is a decoder forward that gave logits: one that raised is its request's error
             observer = self.engine.observer
             if observer is not None:
-                observer.on_step(sum(rows for rows in ran), len(ran), time.perf_counter() - t0, self.queue_depth())
+                observer.on_step(sum(ran), len(ran), time.perf_counter() - t0, self.queue_depth())
 
     def _forward(self, tickets: list[_Ticket]) -> list[int]:
         """One decoder forward for `tickets` (each alone if the batched one fails); the canvas rows of each

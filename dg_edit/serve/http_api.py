@@ -277,7 +277,7 @@ class HttpApi:
                 self._ready()
                 body = await self._body(request)
                 client = request.client.host if request.client else "-"
-                call = parse(body, self.service, _session_client(request, client))
+                call = parse(body, self.service, session_client(request, client))
                 self._admit(client, len(call.jobs))
             except ApiError as e:
                 track.error(e.code)
@@ -495,7 +495,7 @@ def _dones(outcomes: Sequence[Outcome]) -> list[Done]:
     return [o.done for o in outcomes if o.done is not None]
 
 
-def _session_client(request: Request, client: str) -> str:
+def session_client(request: Request, client: str) -> str:
     """Who a request's prefix-cache session belongs to: the client address, and the document it names
     (`X-DG-Edit-Document`), so that one editor working on two documents keeps a warm cache for each."""
     document = request.headers.get(DOCUMENT_HEADER, "")[:MAX_DOCUMENT_CHARS]

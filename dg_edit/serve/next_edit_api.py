@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..edits import TextEdit
 from ..events import Done, Step
 from .errors import ApiError, error_body, error_response
-from .http_api import Fields, _session_client, bad_value
+from .http_api import Fields, bad_value, session_client
 from .metrics import RequestMetrics
 from .protocol import ProtocolError, parse_extra
 from .runner import Job, run_job
@@ -96,7 +96,7 @@ class NextEditRoute:
         track = http.service.metrics.request(PATH)
         try:
             http._ready()
-            job, stream = parse(await http._body(request), _session_client(request, client))
+            job, stream = parse(await http._body(request), session_client(request, client))
             http._admit(client, 1)
         except ApiError as e:
             track.error(e.code)

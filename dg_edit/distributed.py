@@ -6,16 +6,18 @@
 
 Why this shape: a sharded forward is a collective; every rank must run the same forwards in the same
 order, or the launch hangs. dg-edit's front ends (websocket service, language server, `infill --json`)
-run several requests at once and interleave their denoising steps across threads. So the unit that is
-mirrored is the engine's event stream, not the forward: rank 0's front end gets a `ParallelEngine` with
-the `Engine` interface, and each call on it (open a stream, advance a stream by one event, close it,
-forget a document, re-wrap with other settings) is first broadcast to every rank, then run on rank 0's
-own engine, under one lock. The other ranks run the same call on theirs, in the same order, so all
-ranks run the same steps of the same requests; each step's go-on/cancel decision is rank 0's
-(`next` or `close`). The engine itself does not know it is sharded: transformers' own tensor- and
-expert-parallel plans (`dg_edit.hf_adapter.parallel_load_kwargs`) and PyTorch distributed do the
-sharding; this module only keeps the ranks in step. Ranks other than 0 never open a socket or read
-stdin: `load_engine` does not return on them.
+run several requests at once, and each engine's scheduler batches their denoising steps into one
+decoder forward per step (dg_edit/scheduler.py). So two things are mirrored: the calls that change an
+engine (open a request, forget a document, re-wrap with other settings, retire an engine) and each
+scheduler step. Rank 0's front end gets a `ParallelEngine` with the `Engine` interface; each call on it
+is first broadcast to every rank, then run on rank 0's own engine, under one lock. Rank 0's scheduler
+decides each step (which waiting requests join the batch, which consumers have gone: a `StepPlan`) and
+broadcasts it the same way, and every rank's scheduler applies it (`Scheduler.lockstep`): the same
+requests, opened in the same order, run the same batched forwards on every rank. The engine itself does
+not know it is sharded: transformers' own tensor- and expert-parallel plans
+(`dg_edit.hf_adapter.parallel_load_kwargs`) and PyTorch distributed do the sharding; this module only
+keeps the ranks in step. Ranks other than 0 never open a socket or read stdin: `load_engine` does not
+return on them.
 
 Keeping in step, and failing cleanly:
 - Sampling must be identical on every rank: the logits are replicated (the LM head is), and a request
@@ -59,9 +61,6 @@ STOP_GRACE_S = 5.0  # after a failure: time for the requests in flight to be ans
 EXIT_DEADLINE_S = 15.0  # then the front end has this long to exit before the process is ended outright
 EXIT_FAILED = 1
 
-_END = "__end__"  # what `next` returns on every rank when a stream is exhausted
-
-
 class ParallelFailure(RuntimeError):
     """The ranks can no longer be kept in step (a rank died or hung, a step failed): the launch is stopping."""
 
@@ -86,7 +85,7 @@ def parallel_requested(argv: list[str]) -> bool:
 class Command:
     """One call, broadcast by rank 0. `check` is the fingerprint of rank 0's previous result."""
 
-    op: str  # open | next | close | forget | derive | ping | stop
+    op: str  # open | step | forget | derive | retire | ping | stop
     args: tuple = ()
     check: int = 0
 
@@ -94,8 +93,11 @@ class Command:
 def fingerprint(outcome: Any) -> int:
     """A cheap digest of a command's result that must be equal on every rank (token ids, not timings)."""
     from .events import Done, Step
+    from .scheduler import StepOutcome
 
-    if isinstance(outcome, Step):
+    if isinstance(outcome, StepOutcome):
+        key = ("batch", outcome.forwards, outcome.events)
+    elif isinstance(outcome, Step):
         key: Any = ("step", outcome.index, outcome.ids)
     elif isinstance(outcome, Done):
         key = ("done", outcome.ids, outcome.steps)
@@ -113,22 +115,21 @@ def is_request_error(exc: BaseException) -> bool:
 
 
 class Mirror:
-    """What every rank holds identically: engines by id, open event streams by id; `run` applies a command.
+    """What every rank holds identically: engines by id; `run` applies a command.
 
     Rank 0 and the followers run the very same code here, which is what keeps their forwards in step.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, rank: int):
         from . import hf_adapter as hf
 
-        # Each request runs in the thread that steps it, one forward at a time: a rank's own scheduler would
-        # batch by its own timing, and the ranks' collectives would no longer meet. (Batching across ranks
-        # needs rank 0 to broadcast each step's batch: not done yet.)
-        engine.run_alone()
-        self.engines: dict[int, Any] = {0: engine}
-        self.streams: dict[int, Iterator] = {}
+        self.rank = rank
+        self.leader: Leader | None = None  # rank 0's, set once it exists (before any request)
+        self.engines: dict[int, Any] = {}
         self.outcome = 0  # fingerprint of the last command's result
-        self.counts = {"streams": 0, "events": 0, "decoder_passes": 0, "encoder_passes": 0}
+        self.counts = {"streams": 0, "events": 0, "decoder_passes": 0, "encoder_passes": 0, "request_steps": 0,
+                       "most_batched": 0}
+        self._attach(0, engine)
         model = engine.model
 
         def count(key: str):
@@ -136,8 +137,23 @@ class Mirror:
                 self.counts[key] += 1
             return hook
 
-        model.register_forward_pre_hook(count("decoder_passes"), with_kwargs=True)
+        # The decoder itself: a batched step runs it without the model's own forward.
+        hf.decoder_module(model).register_forward_pre_hook(count("decoder_passes"), with_kwargs=True)
         hf.encoder_module(model).register_forward_pre_hook(count("encoder_passes"), with_kwargs=True)
+
+    def _attach(self, engine_id: int, engine) -> None:
+        """Put the engine's scheduler in lockstep: rank 0's broadcasts each step's plan; the others follow."""
+        def run_step(plan) -> Any:
+            assert self.leader is not None, "rank 0 ran a step before its launch was set up"
+            return self.leader.call("step", engine_id, plan)
+
+        engine.scheduler.lockstep(run_step if self.rank == 0 else None,
+                                  fatal=lambda error: not is_request_error(error))
+        self.engines[engine_id] = engine
+
+    def busy(self) -> bool:
+        """Some engine has requests waiting or running."""
+        return any(engine.scheduler.busy for engine in list(self.engines.values()))
 
     def run(self, command: Command) -> Any:
         try:
@@ -149,37 +165,28 @@ class Mirror:
         return result
 
     def _apply(self, op: str, args: tuple) -> Any:
-        if op == "open":
-            engine_id, stream_id, method, call_args, kwargs = args
-            self.streams[stream_id] = iter(getattr(self.engines[engine_id], method)(*call_args, **kwargs))
+        if op == "open":  # build the request on every rank; it joins its engine's queue (same id everywhere)
+            engine_id, method, call_args, kwargs = args
+            events = getattr(self.engines[engine_id], method)(*call_args, **kwargs)
             self.counts["streams"] += 1
-            return None
-        if op == "next":
-            (stream_id,) = args
-            stream = self.streams[stream_id]
-            try:
-                event = next(stream, _END)
-            except BaseException:
-                self.streams.pop(stream_id, None)
-                raise
-            if event is _END:
-                self.streams.pop(stream_id, None)
-            else:
-                self.counts["events"] += 1
-            return event
-        if op == "close":
-            stream = self.streams.pop(args[0], None)
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            return None
+            return events  # rank 0's consumer reads it; the other ranks' requests run by the plans alone
+        if op == "step":
+            engine_id, plan = args
+            engine = self.engines.get(engine_id)
+            if engine is None:  # retired while its scheduler planned this step: nothing runs, on any rank
+                return None
+            outcome = engine.scheduler.apply(plan)
+            self.counts["events"] += len(outcome.events)
+            self.counts["request_steps"] += outcome.forwards
+            self.counts["most_batched"] = max(self.counts["most_batched"], outcome.forwards)
+            return outcome
         if op == "forget":
             engine_id, session = args
             self.engines[engine_id].forget(session)
             return None
         if op == "derive":
             parent, child, settings = args
-            self.engines[child] = self.engines[parent].with_settings(settings)
+            self._attach(child, self.engines[parent].with_settings(settings))
             return None
         if op == "retire":  # an engine replaced by a derived one: its caches go on every rank
             engine = self.engines.pop(args[0], None)
@@ -227,7 +234,9 @@ def _summary(channel: Channel, mirror: Mirror) -> None:
     if channel.rank == 0:
         for rank, c in enumerate(counts):
             _say(rank, channel.world_size, f"{c['streams']} streams, {c['events']} events, "
-                                           f"{c['decoder_passes']} decoder passes, {c['encoder_passes']} encoder passes")
+                                           f"{c['decoder_passes']} decoder passes ({c['request_steps']} request "
+                                           f"steps, at most {c['most_batched']} in one pass), "
+                                           f"{c['encoder_passes']} encoder passes")
 
 
 # ------------------------------------------------------------------------------------ the other ranks
@@ -307,22 +316,6 @@ class Leader:
                 self._fail("rank 0 was interrupted mid-step", broken=True)
                 raise
 
-    def close_stream(self, stream_id: int) -> None:
-        """Cancel a stream on every rank (no further step runs anywhere); after a failure, here only."""
-        with self._wire:
-            if self.failure is not None:
-                self.mirror.streams.pop(stream_id, None)
-                return
-        try:
-            self.call("close", stream_id)
-        except ParallelFailure:
-            self.mirror.streams.pop(stream_id, None)
-
-    def discard_failed(self, stream_id: int) -> None:
-        """After a failure the other ranks are gone or stopping: drop rank 0's copy of the stream alone."""
-        if self.failure is not None:
-            self.mirror.streams.pop(stream_id, None)
-
     def _fail(self, reason: str, broken: bool) -> ParallelFailure:
         """Record the first failure; answer what is in flight, then stop the front end (in a thread)."""
         if self.failure is None:
@@ -336,7 +329,7 @@ class Leader:
 
     def _stop_front_end(self) -> None:
         deadline = time.monotonic() + STOP_GRACE_S
-        while self.mirror.streams and time.monotonic() < deadline:
+        while self.mirror.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # the front end writes the last answers
         if not self._closed.is_set():
@@ -389,37 +382,6 @@ class Leader:
         return EXIT_FAILED if self.failure else 0
 
 
-class _RemoteStream:
-    """An engine event stream whose every step runs on every rank (rank 0's decision: `next` or `close`)."""
-
-    def __init__(self, leader: Leader, stream_id: int):
-        self._leader = leader
-        self._id = stream_id
-        self._done = False
-
-    def __iter__(self) -> "_RemoteStream":
-        return self
-
-    def __next__(self):
-        if self._done:
-            raise StopIteration
-        try:
-            event = self._leader.call("next", self._id)
-        except BaseException:
-            self._done = True
-            self._leader.discard_failed(self._id)
-            raise
-        if isinstance(event, str) and event == _END:
-            self._done = True
-            raise StopIteration
-        return event
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._leader.close_stream(self._id)
-
-
 class ParallelEngine:
     """Rank 0's engine under --parallel: the `Engine` interface, with every call run on every rank.
 
@@ -445,12 +407,11 @@ class ParallelEngine:
     def observer(self, value) -> None:
         self._engine.observer = value
 
-    def _open(self, method: str, args: tuple, kwargs: dict) -> _RemoteStream:
+    def _open(self, method: str, args: tuple, kwargs: dict) -> Iterator:
+        """Open the request on every rank; its steps then run in the scheduler's lockstep batches."""
         if kwargs.get("seed") is None:  # every rank must draw the same noise: rank 0 picks the seed
             kwargs = {**kwargs, "seed": secrets.randbits(63)}
-        stream_id = self._leader.new_id()
-        self._leader.call("open", self._id, stream_id, method, args, kwargs)
-        return _RemoteStream(self._leader, stream_id)
+        return self._leader.call("open", self._id, method, args, kwargs)
 
     def stream(self, *args, **kwargs) -> Iterator:
         return self._open("stream", args, kwargs)
@@ -648,7 +609,7 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
     _agree(startup, error, "cannot use its model")
     engine, error = _attempt(lambda: Engine.load(settings.model or None, settings=settings, options=options))
     _agree(startup, error, "cannot load its shard")
-    mirror = Mirror(engine)
+    mirror = Mirror(engine, rank)
     _say(rank, world, f"pid {os.getpid()} holds its {mode} shard on {engine.model.device} ({backend})")
     if rank != 0:
         # torchrun passes a Ctrl-C to every rank; rank 0 stops its front end and then tells the others,
@@ -659,6 +620,6 @@ def load_engine(args: argparse.Namespace) -> ParallelEngine:
             dist.destroy_process_group()
             sys.exit(0)
         _hard_exit(code)
-    _launch = Leader(channel, mirror, mode, args.parallel_timeout, backend)
+    _launch = mirror.leader = Leader(channel, mirror, mode, args.parallel_timeout, backend)
     atexit.register(finish, 0)  # a front end run without `run_launched` still stops the other ranks
     return ParallelEngine(_launch, engine)

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import hf_adapter as hf, next_edit as next_edit_fn, sampler, step as step_fn
-from .scheduler import PAUSE, Forward, Scheduler, Sync, client_key, drive_alone
+from .scheduler import PAUSE, Forward, Scheduler, Sync, client_key
 from .canvas import Layout, candidate_lengths, infill_layout, middle_end
 from .config import SamplingConfig, Settings
 from .edits import TextEdit
@@ -157,8 +157,8 @@ class Engine:
         self.last_encoded = 0  # tokens the encoder processed for the last request (prefix-cache metric)
         self.last_prefix_len = 0
         # One thread runs every request's steps, one decoder forward per step for all (dg_edit/scheduler.py);
-        # None: each request runs in its consumer's thread (--parallel: every rank runs the same calls).
-        self.scheduler: Scheduler | None = Scheduler(self, self._batch_rows(), self.settings.batching)
+        # under --parallel the ranks' schedulers run in lockstep (`Scheduler.lockstep`).
+        self.scheduler = Scheduler(self, self._batch_rows(), self.settings.batching)
         # Told about every batched step and admission: `dg-edit serve` sets its metrics here
         # (dg_edit.serve.metrics): .on_step(rows, requests, seconds, queue_depth), .on_admit(waited_seconds).
         self.observer = None
@@ -220,17 +220,8 @@ class Engine:
     def with_settings(self, settings: Settings) -> "Engine":
         """An engine over the same loaded model with other settings (window sizes, sampling); fresh caches."""
         engine = Engine(self.model, self.tokenizer, sampling=self.sampling, settings=settings, name=self.name)
-        if self.scheduler is None:
-            engine.run_alone()
         engine.observer = self.observer
         return engine
-
-    def run_alone(self) -> None:
-        """Run each request in its consumer's thread, one forward at a time, no scheduler thread (--parallel:
-        every rank must run the same model calls in the same order, which a rank's own batching would not)."""
-        if self.scheduler is not None:
-            self.scheduler.stop()
-        self.scheduler = None
 
     def info(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -473,8 +464,7 @@ class Engine:
         what they hold)."""
         self._prefill.shutdown()
         self._next_edits.shutdown()
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        self.scheduler.stop()
         with self._lock:
             for session in self.caches.sessions():
                 self.caches.forget(session)
@@ -667,10 +657,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _guarded(self, request: _Request, with_steps: bool) -> Iterator[Step | Done]:
-        """The request's events: its steps run by the scheduler (batched with other requests), or alone."""
+        """The request's events: its steps run by the scheduler, batched with other requests'."""
         steps = self._request_steps(request, with_steps)
-        if self.scheduler is None:
-            return drive_alone(self, steps)
         return self.scheduler.events(steps, self._rows(request), client_key(request.session))
 
     def _rows(self, request: _Request) -> int:

@@ -20,14 +20,22 @@ and `Step`/`Done` events, which go to the consumer's queue. The scheduler loop, 
    host sync for the whole batch (`Sync`).
 
 `Settings.batching = false` admits one request at a time (each forward runs alone, as before).
-Without a scheduler (`drive_alone`, used under --parallel where every rank must run the same calls in
-the same order) a request's coroutine is driven in the consumer's thread.
+
+A step is split in two: what only this process can decide (`StepPlan`: which waiting requests join,
+which consumers have gone) and what follows from the requests' own state (everything else above). Under
+--parallel (dg_edit/distributed.py) every rank holds a sharded model and must run the same forwards in
+the same order, so the schedulers run in lockstep (`Scheduler.lockstep`): rank 0's scheduler plans each
+step and hands the plan to every rank, its own included, which `apply` it to the same requests (opened on
+every rank in the same order, so their ticket ids agree). There every parked forward runs, whether or not
+its consumer has read its last event (only rank 0 has consumers), and any failure other than a request's
+own bad input stops the launch instead of costing one request.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import itertools
 import ctypes.util
 import dataclasses
 import logging
@@ -38,7 +46,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 
@@ -70,6 +78,22 @@ class Pause:
 
 
 PAUSE = Pause()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the deciding scheduler chose for one step; the rest of the step follows from the requests' state."""
+
+    admitted: tuple[int, ...] = ()  # ticket ids that join the active requests, in this order
+    cancelled: tuple[int, ...] = ()  # ticket ids whose consumer has gone (waiting or active): dropped
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one applied step did, equal on every rank of a --parallel launch (token ids, not timings)."""
+
+    forwards: int  # requests whose decoder forward ran (each one step of theirs, as if run alone)
+    events: tuple  # (ticket id, event kind, token ids or error) of each event given, in order
 _LOG = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 IDLE_EXIT_S = 60.0  # an idle scheduler's thread ends after this long; the next request starts another
@@ -77,43 +101,11 @@ GATHER_S = 0.01  # longest a step waits for a consumer that has not yet asked fo
 RequestSteps = Generator[Any, Any, None]
 
 
-def run_alone(engine, forward: Forward) -> torch.Tensor:  # [b, L, V]
+def forward_alone(engine, forward: Forward) -> torch.Tensor:  # [b, L, V]
     part = forward.part
     with engine.lock, engine.no_autograd():
         return hf.decoder_forward(engine.model, part.cache, part.canvas, part.position_ids, forward.masks,
                                   part.self_conditioning_logits)
-
-
-def drive_alone(engine, steps: RequestSteps) -> Iterator[Step | Done]:
-    """Run one request's coroutine in this thread, each forward alone (no scheduler)."""
-    value: Any = None
-    error: BaseException | None = None
-    step_started, rows = None, 0  # this step's forward began then over `rows` canvas rows; its sync ends it
-    try:
-        while True:
-            try:
-                item = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration:
-                return
-            value, error = None, None
-            if isinstance(item, Forward):
-                step_started, rows = time.perf_counter(), item.part.canvas.shape[0]
-                try:
-                    value = run_alone(engine, item)
-                except Exception as e:  # thrown into the request, which turns OOM into its own error
-                    error = e
-            elif isinstance(item, Sync):
-                value = item.flags.tolist()
-                observer = engine.observer  # metrics (under --parallel too, where no scheduler runs)
-                if observer is not None and step_started is not None:
-                    observer.on_step(rows, 1, time.perf_counter() - step_started, 0)
-                step_started = None
-            elif isinstance(item, Pause):
-                pass
-            else:
-                yield item
-    finally:
-        steps.close()
 
 
 class _Failed:
@@ -127,7 +119,8 @@ _END = object()
 class _Ticket:
     """One request inside the scheduler."""
 
-    def __init__(self, steps: RequestSteps, rows: int, client: str):
+    def __init__(self, ticket_id: int, steps: RequestSteps, rows: int, client: str):
+        self.id = ticket_id  # counting up per scheduler; equal on every rank of a --parallel launch
         self.steps = steps
         self.rows = rows
         self.client = client
@@ -161,25 +154,63 @@ class Scheduler:
         self.batch_rows = max(1, batch_rows)
         self.batching = batching
         self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._tickets: dict[int, _Ticket] = {}  # every request submitted and not finished, by id
         self._waiting: OrderedDict[str, deque[_Ticket]] = OrderedDict()  # client -> its requests, in order
         self._active: list[_Ticket] = []
         self._stacked: hf.StackedBatch | None = None
         self._stopped = False
         self._ran = False  # steps ran since the scheduler was last idle
         self._thread: threading.Thread | None = None
+        # --parallel (`lockstep`): rank 0 hands each plan to every rank through `_run_step`; the other ranks
+        # have no thread and are given plans; `_fatal` says which failures stop the launch.
+        self._lockstep = False
+        self._run_step: Callable[[StepPlan], Any] | None = None
+        self._fatal: Callable[[BaseException], bool] = lambda error: False
         self.steps_run = 0  # batched steps so far, counting up (tests, stats)
         self.max_batch = 0  # most requests one forward has carried (tests, stats)
 
+    def lockstep(self, run_step: Callable[[StepPlan], Any] | None, fatal: Callable[[BaseException], bool]) -> None:
+        """Run in step with the schedulers of the other ranks of a --parallel launch (before any request).
+
+        `run_step(plan)`: rank 0's, which decides each step; it must get `apply(plan)` run on every rank,
+        this one included, in the same order as the calls that open requests. None: a rank that follows,
+        whose plans come from rank 0 (it starts no thread). `fatal(error)`: a failure inside a step that
+        leaves the ranks out of step (anything but a request's own bad input); it is raised out of `apply`.
+        """
+        self._lockstep, self._run_step, self._fatal = True, run_step, fatal
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting or running."""
+        with self._cond:
+            return bool(self._tickets)
+
     # ------------------------------------------------------------------ consumer side
     def events(self, steps: RequestSteps, rows: int, client: str) -> Iterator[Step | Done]:
-        """Submit a request and yield its events; closing this generator cancels it at the next step."""
-        ticket = _Ticket(steps, rows, client)
+        """Submit a request and return its events; closing the iterator cancels it at the next step.
+
+        In lockstep it joins the queue now (every rank opens requests in the same order, so each gets the
+        same id everywhere); otherwise when its consumer first asks for an event, as a plain generator.
+        """
+        ticket = _Ticket(next(self._ids), steps, rows, client)
+        if self._lockstep:
+            self._submit(ticket)
+        return self._events(ticket, submitted=self._lockstep)
+
+    def _submit(self, ticket: _Ticket) -> None:
         with self._cond:
             if self._stopped:
                 raise EngineClosed("the engine was closed")
-            self._waiting.setdefault(client, deque()).append(ticket)
-            self._start()
+            self._tickets[ticket.id] = ticket
+            self._waiting.setdefault(ticket.client, deque()).append(ticket)
+            if self._run_step is not None or not self._lockstep:
+                self._start()
             self._cond.notify_all()
+
+    def _events(self, ticket: _Ticket, submitted: bool) -> Iterator[Step | Done]:
+        if not submitted:
+            self._submit(ticket)
         try:
             while True:
                 with self._cond:
@@ -207,6 +238,9 @@ class Scheduler:
             self._stopped = True
             self._cond.notify_all()
             thread = self._thread
+            threadless = self._lockstep and self._run_step is None
+        if threadless:  # a following rank: nothing else will close its requests
+            self._fail_all(EngineClosed("the engine was closed"))
         if timeout is not None and thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -221,9 +255,8 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stopped:
-                    self._drop_cancelled_waiting()
-                    self._admit()
-                    if any(self._runnable(t) for t in self._active):
+                    plan = self._plan()
+                    if plan.admitted or plan.cancelled or any(self._runnable(t) for t in self._active):
                         break
                     if not self._active and not self._waiting and self._ran:
                         self._idle()
@@ -231,14 +264,31 @@ class Scheduler:
                         self._thread = None  # idle: the thread ends (an engine replaced by another leaves none)
                         return
                 if self._stopped:
-                    leftover = self._active + [t for q in self._waiting.values() for t in q]
-                    self._active, self._waiting = [], OrderedDict()
                     break
-                active = list(self._active)
-            self._step(active)
-        for ticket in leftover:
-            ticket.steps.close()
-            ticket.events.put(_Failed(EngineClosed("the engine was closed")))
+            if self._run_step is None:
+                self.apply(plan)
+                continue
+            try:
+                self._run_step(plan)  # rank 0 under --parallel: every rank applies it, this one included
+            except BaseException as e:  # noqa: BLE001 - the launch failed: every request here hears why
+                with self._cond:
+                    self._stopped = True
+                self._fail_all(e)
+                return
+        self._fail_all(EngineClosed("the engine was closed"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Close every request, waiting or running, and tell its consumer `error`."""
+        with self._cond:
+            tickets = list(self._tickets.values())
+            self._tickets, self._active, self._waiting = {}, [], OrderedDict()
+        for ticket in tickets:
+            try:
+                ticket.steps.close()
+            except Exception:  # noqa: BLE001 - it is being failed anyway; its consumer hears `error`
+                _LOG.exception("a request failed while closing")
+            ticket.events.put(_Failed(error))
+            ticket.events.put(_END)
 
     def _idle(self) -> None:
         """Nothing to run: drop the last batch's stacked caches, and on a CPU give the heap that a burst of
@@ -250,9 +300,9 @@ class Scheduler:
             _LIBC.malloc_trim(0)
 
     def _runnable(self, ticket: _Ticket) -> bool:
-        if ticket.cancelled or ticket.pending is None or isinstance(ticket.pending, Pause):
+        if ticket.pending is None or isinstance(ticket.pending, Pause):
             return True
-        return isinstance(ticket.pending, Forward) and self._wanted(ticket)
+        return isinstance(ticket.pending, Forward) and (self._lockstep or self._wanted(ticket))
 
     @staticmethod
     def _wanted(ticket: _Ticket) -> bool:
@@ -262,7 +312,10 @@ class Scheduler:
 
     def _gather(self) -> list[_Ticket]:
         """The requests whose forward runs this step: every one parked on a forward whose consumer has asked
-        for its next event, waiting up to `GATHER_S` for consumers that are a moment late (a thread wake-up)."""
+        for its next event, waiting up to `GATHER_S` for consumers that are a moment late (a thread wake-up).
+        In lockstep every parked forward runs (only rank 0 has consumers; the plan is what they decide)."""
+        if self._lockstep:
+            return [t for t in self._active if isinstance(t.pending, Forward)]
         deadline = time.perf_counter() + GATHER_S
         with self._cond:
             while True:
@@ -273,55 +326,81 @@ class Scheduler:
                     return ready
                 self._cond.wait(left)
 
-    def _drop_cancelled_waiting(self) -> None:
-        for client in list(self._waiting):
-            kept = deque(t for t in self._waiting[client] if not t.cancelled)
-            for t in self._waiting[client]:
-                if t.cancelled:
-                    t.steps.close()
-            if kept:
-                self._waiting[client] = kept
-            else:
-                del self._waiting[client]
-
-    def _admit(self) -> None:
-        """1. Round-robin across clients, each client's requests in order, while the rows fit."""
-        used = sum(t.rows for t in self._active)
+    def _plan(self) -> StepPlan:
+        """This step's decisions (under the lock): the requests whose consumer has gone, and which waiting
+        ones join: round-robin across clients, each client's requests in order, while the rows fit."""
+        cancelled = tuple(t.id for t in self._tickets.values() if t.cancelled)
+        used = sum(t.rows for t in self._active if not t.cancelled)
+        active = any(not t.cancelled for t in self._active)
         limit = self.batch_rows if self.batching else 1
-        while self._waiting:
-            client, waiting = next(iter(self._waiting.items()))
-            ticket = waiting[0]
-            if self._active and (used + ticket.rows > limit or not self.batching):
-                return  # in order: the head waits for room (a request larger than the limit runs alone)
-            waiting.popleft()
-            del self._waiting[client]
-            if waiting:
-                self._waiting[client] = waiting  # this client goes to the back of the round
-            ticket.waited_s = time.perf_counter() - ticket.arrived
-            self._active.append(ticket)
+        waiting = OrderedDict((client, deque(t for t in q if not t.cancelled)) for client, q in self._waiting.items())
+        admitted = []
+        while waiting:
+            client, queued = next(iter(waiting.items()))
+            if not queued:
+                del waiting[client]
+                continue
+            ticket = queued[0]
+            if active and (used + ticket.rows > limit or not self.batching):
+                break  # in order: the head waits for room (a request larger than the limit runs alone)
+            queued.popleft()
+            waiting.move_to_end(client)  # this client goes to the back of the round
+            admitted.append(ticket.id)
             used += ticket.rows
+            active = True
+        return StepPlan(tuple(admitted), cancelled)
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        """1. The gone requests leave (a waiting one never started); the admitted ones join, as planned."""
+        for ticket_id in plan.cancelled:
+            ticket = self._tickets.get(ticket_id)
+            if ticket is None:
+                continue
+            if ticket in self._active:
+                self._finish(ticket, close=True)
+                continue
+            with self._cond:
+                queued = self._waiting[ticket.client]
+                queued.remove(ticket)  # its client keeps its place in the round
+                if not queued:
+                    del self._waiting[ticket.client]
+                del self._tickets[ticket_id]
+            ticket.steps.close()
+            ticket.events.put(_END)
+        for ticket_id in plan.admitted:
+            with self._cond:
+                ticket = self._tickets[ticket_id]
+                self._unqueue(ticket)
+                self._active.append(ticket)
+            ticket.waited_s = time.perf_counter() - ticket.arrived
             observer = self.engine.observer
             if observer is not None:
                 observer.on_admit(ticket.waited_s)
 
-    def _step(self, active: list[_Ticket]) -> None:
+    def _unqueue(self, ticket: _Ticket) -> None:
+        queued = self._waiting.pop(ticket.client)
+        queued.remove(ticket)
+        if queued:
+            self._waiting[ticket.client] = queued  # the client goes to the back of the round, as planned
+
+    def apply(self, plan: StepPlan) -> StepOutcome:
+        """Run one step as `plan` says (the scheduler's thread; under --parallel every rank, given rank 0's plan)."""
         t0 = time.perf_counter()
-        for ticket in active:
-            if ticket.cancelled:
-                self._finish(ticket, close=True)
+        given: list[tuple] = []  # the events this step gave, for the outcome
+        self._apply_plan(plan)
         # 2. Requests not waiting on the model run on: new ones encode (a chunk), finished blocks start the next.
-        for ticket in self._active:
+        for ticket in list(self._active):
             if ticket.pending is None or isinstance(ticket.pending, Pause):
-                self._advance(ticket, None)
+                self._advance(ticket, None, given)
         # 3. One decoder forward over every canvas whose consumer wants its next step.
         forwards = self._gather()
-        ran = self._forward(forwards) if forwards else []
+        ran = self._forward(forwards, given) if forwards else []
         # 4. One host sync for the whole batch.
         syncs = [t for t in self._active if isinstance(t.pending, Sync)]
         if syncs:
             flags = torch.stack([t.pending.flags for t in syncs]).tolist()
             for ticket, values in zip(syncs, flags):
-                self._advance(ticket, values)
+                self._advance(ticket, values, given)
         if forwards:
             self._ran = True
             self.steps_run += 1
@@ -330,8 +409,9 @@ class Scheduler:
             observer = self.engine.observer
             if observer is not None:
                 observer.on_step(sum(ran), len(ran), time.perf_counter() - t0, self.queue_depth())
+        return StepOutcome(len(ran), tuple(given))
 
-    def _forward(self, tickets: list[_Ticket]) -> list[int]:
+    def _forward(self, tickets: list[_Ticket], given: list[tuple]) -> list[int]:
         """One decoder forward for `tickets` (each alone if the batched one fails); the canvas rows of each
         request whose forward gave logits."""
         engine = self.engine
@@ -343,8 +423,10 @@ class Scheduler:
                         self._stacked = None  # its memory goes before the next stack is built
                         self._stacked = hf.stack_batch(engine.model, parts)
                     logits = hf.batched_decoder_forward(engine.model, self._stacked, parts)
-            except Exception:  # noqa: BLE001 - rerun alone below: a failure costs only its own request
+            except Exception as e:  # noqa: BLE001 - rerun alone below: a failure costs only its own request
                 self._stacked = None
+                if self._lockstep and not isinstance(e, hf.CannotBatch):
+                    raise  # the ranks' collectives may no longer meet: the launch stops
                 if engine.model.device.type == "cuda":
                     torch.cuda.empty_cache()
             else:
@@ -352,22 +434,22 @@ class Scheduler:
                 # reference here, so the buffer goes as soon as the last request done with it lets go.
                 rows = [t.rows for t in tickets]
                 for ticket in tickets:
-                    self._advance(ticket, logits.pop(0))
+                    self._advance(ticket, logits.pop(0), given)
                 return rows
         else:
             self._stacked = None
         rows = []
         for ticket in tickets:
             try:
-                own = [run_alone(engine, ticket.pending)]
+                own = [forward_alone(engine, ticket.pending)]
             except Exception as e:  # thrown into the request, which turns OOM into its own error
-                self._advance(ticket, None, error=e)
+                self._advance(ticket, None, given, error=e)
             else:
                 rows.append(ticket.rows)
-                self._advance(ticket, own.pop())
+                self._advance(ticket, own.pop(), given)
         return rows
 
-    def _advance(self, ticket: _Ticket, value: Any, error: BaseException | None = None) -> None:
+    def _advance(self, ticket: _Ticket, value: Any, given: list[tuple], error: BaseException | None = None) -> None:
         """Run a request's coroutine until it needs the model again, passing its events on."""
         while True:
             try:
@@ -376,6 +458,9 @@ class Scheduler:
                 self._finish(ticket)
                 return
             except BaseException as e:  # noqa: BLE001 - the request's own failure, re-raised to its consumer
+                if self._fatal(e):
+                    raise
+                given.append((ticket.id, "raise", type(e).__name__, str(e)))
                 ticket.events.put(_Failed(e))
                 self._finish(ticket)
                 return
@@ -394,8 +479,10 @@ class Scheduler:
                     pass
                 except Exception:  # noqa: BLE001 - the answer stands; the unwinding's failure is logged
                     _LOG.exception("a request failed while unwinding after its answer")
+                given.append((ticket.id, "done", done.ids, done.steps))
                 self._finish(ticket, last=done)
                 return
+            given.append((ticket.id, "step", getattr(item, "index", None), getattr(item, "ids", None)))
             ticket.given += 1
             ticket.events.put(item)
 
@@ -406,6 +493,7 @@ class Scheduler:
         with self._cond:
             if ticket in self._active:
                 self._active.remove(ticket)
+            self._tickets.pop(ticket.id, None)
             if not self._active and not self._waiting and self._ran:
                 self._idle()  # before the last answer goes out: the service is at rest when its client hears
             self._cond.notify_all()

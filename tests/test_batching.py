@@ -3,6 +3,7 @@ each gets the answer it gets alone; admission by canvas rows, in order, fair acr
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -268,3 +269,97 @@ def test_a_long_cold_prefix_is_encoded_a_chunk_per_step_between_the_others_steps
     first_e, last_e = trace.index("E", trace.index("D")), trace.rindex("E")
     encoding = trace[first_e : last_e + 1]
     assert encoding.count("E") >= 10 and "EE" not in encoding, trace  # one chunk, then the others' step
+
+
+# ---------------------------------------------------------------------------------------------- lockstep
+class Ranks:
+    """Two engines kept in step as the ranks of a --parallel launch are (dg_edit/distributed.py), in one
+    process: one wire orders the calls that open requests and the leader's steps; every request is opened
+    on both engines, and each step the leader's scheduler plans is applied by both schedulers."""
+
+    def __init__(self, leader: Engine, follower: Engine):
+        self.leader, self.follower = leader, follower
+        self.wire = threading.Lock()
+        self.outcomes: list[tuple] = []  # (leader's, follower's) outcome of every step
+        fatal = lambda error: not isinstance(error, ValueError)  # noqa: E731 - as distributed.is_request_error
+        leader.scheduler.lockstep(self._run_step, fatal)
+        follower.scheduler.lockstep(None, fatal)
+
+    def _run_step(self, plan):
+        with self.wire:
+            mine = self.leader.scheduler.apply(plan)
+            theirs = self.follower.scheduler.apply(plan)
+            self.outcomes.append((mine, theirs))
+            return mine
+
+    def _open(self, method: str, *args, **kwargs):
+        with self.wire:
+            events = getattr(self.leader, method)(*args, **kwargs)
+            getattr(self.follower, method)(*args, **kwargs)  # its events are read by no one: plans run it
+            return events
+
+    def stream(self, *args, **kwargs):
+        return self._open("stream", *args, **kwargs)
+
+    def stream_rewrite(self, *args, **kwargs):
+        return self._open("stream_rewrite", *args, **kwargs)
+
+    def infill(self, *args, **kwargs):
+        return Engine.infill(self, *args, **kwargs)
+
+    def rewrite(self, *args, **kwargs):
+        return Engine.rewrite(self, *args, **kwargs)
+
+
+def test_in_lockstep_a_follower_given_the_leaders_plans_runs_the_same_batched_steps():
+    model, tok = exact_pair()
+    settings = Settings(typed_ahead=False, idle_prefill=False)
+    alone = [call() for call in mixes(Engine(model, tok, settings=settings))]
+    leader = Engine(model, tok, settings=settings)
+    follower = Engine(copy.deepcopy(model), tok, settings=settings)
+    ranks = Ranks(leader, follower)
+    batched = together(mixes(ranks))
+    for a, b in zip(alone, batched):
+        assert isinstance(b, Done), b
+        assert (b.text, b.ids, b.steps, b.length) == (a.text, a.ids, a.steps, a.length)
+    assert ranks.outcomes and all(mine == theirs for mine, theirs in ranks.outcomes)
+    assert leader.scheduler.max_batch >= 3 and follower.scheduler.max_batch == leader.scheduler.max_batch
+    assert follower.scheduler._thread is None  # a following rank runs only the plans it is given
+
+    # A consumer that goes: the next plan drops its request on both.
+    events = ranks.stream(PREFIXES[0], "", max_new_tokens=40, seed=9)
+    assert isinstance(next(events), Step) and follower.scheduler.busy
+    events.close()
+    for _ in range(200):
+        if not leader.scheduler.busy and not follower.scheduler.busy:
+            break
+        threading.Event().wait(0.01)
+    assert not leader.scheduler.busy and not follower.scheduler.busy
+    assert all(mine == theirs for mine, theirs in ranks.outcomes)
+
+
+def test_in_lockstep_a_failure_that_is_not_the_requests_own_stops_every_request():
+    model, tok = exact_pair()
+    settings = Settings(typed_ahead=False, idle_prefill=False)
+    leader = Engine(model, tok, settings=settings)
+    follower = Engine(copy.deepcopy(model), tok, settings=settings)
+    ranks = Ranks(leader, follower)
+    calls = {"n": 0}
+    forward = hf.decoder_forward
+
+    def collective_lost(*args, **kwargs):  # the third forward's all-reduce finds a rank gone
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("Connection closed by peer")
+        return forward(*args, **kwargs)
+
+    hf_patch = pytest.MonkeyPatch()
+    hf_patch.setattr(hf, "decoder_forward", collective_lost)
+    try:
+        results = together([lambda: ranks.infill(PREFIXES[0], "", max_new_tokens=40, seed=1)])
+    finally:
+        hf_patch.undo()
+    # Not the request's own error (which would leave the scheduler running): the launch's, for everyone.
+    assert isinstance(results[0], RuntimeError) and "closed by peer" in str(results[0])
+    with pytest.raises(Exception, match="closed"):
+        next(iter(leader.stream(PREFIXES[1], "", max_new_tokens=4, seed=2)))

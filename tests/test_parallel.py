@@ -137,8 +137,10 @@ class Launch:
 
 
 def rank_counts(log: str) -> dict[int, tuple[int, ...]]:
-    """Rank 0's summary at a clean stop: streams, events, decoder and encoder passes of each rank."""
-    found = re.findall(r"rank (\d+)/\d+: (\d+) streams, (\d+) events, (\d+) decoder passes, (\d+) encoder passes", log)
+    """Rank 0's summary at a clean stop, per rank: streams, events, decoder passes, request steps (each
+    request's own steps, as if run alone), the most requests one decoder pass carried, encoder passes."""
+    found = re.findall(r"rank (\d+)/\d+: (\d+) streams, (\d+) events, (\d+) decoder passes \((\d+) request "
+                       r"steps, at most (\d+) in one pass\), (\d+) encoder passes", log)
     return {int(r): tuple(map(int, rest)) for r, *rest in found}
 
 
@@ -216,8 +218,8 @@ NEXT_EDIT_DONE = {"start": NEXT_EDIT_TEXT.index("total"), "end": NEXT_EDIT_TEXT.
                   "old_text": "count"}
 
 
-def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank(model_dir, reference, requests,
-                                                                                tmp_path):
+def test_serve_batches_requests_on_every_rank_like_one_process_and_cancel_stops_every_rank(
+        model_dir, reference, requests, tmp_path):
     launch = Launch(["serve", "--port", "0", "--parallel", "tp", "--model", str(model_dir)], tmp_path / "serve.log",
                     **{faults.FAULT_ENV: "slow:0.5"})
     try:
@@ -226,7 +228,7 @@ def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank
 
         async def talk():
             async with connect(f"ws://{url}/ws") as ws:
-                # three requests at once: rank 0 interleaves their steps across threads; the ranks follow
+                # four requests at once: rank 0's scheduler batches their steps; every rank applies its plans
                 for i, (prefix, suffix, n, seed) in enumerate(requests):
                     budget = {"max_new_tokens": n} if n is not None else {}
                     await ws.send(json.dumps({"type": "infill", "id": f"i{i}", "prefix": prefix, "suffix": suffix,
@@ -274,10 +276,13 @@ def test_serve_interleaves_requests_like_one_process_and_cancel_stops_every_rank
     expected_passes = reference.decoder_passes["n"] - passes_before
     counts = rank_counts(launch.log())
     assert set(counts) == {0, 1} and counts[0] == counts[1], launch.log()  # every rank ran the same passes
-    slow_passes = counts[0][2] - expected_passes
+    _, _, passes, request_steps, most_batched, _ = counts[0]
+    # The requests sent together shared decoder passes, on every rank: fewer passes than their steps.
+    assert most_batched >= 2 and passes < request_steps, counts
+    slow_steps = request_steps - expected_passes
     # The cancelled request ran on every rank until rank 0 stopped it: the steps the client saw, plus at
     # most the one running when the cancel arrived and one already under way on the model thread.
-    assert seen <= slow_passes <= seen + 2, (counts, expected_passes, seen)
+    assert seen <= slow_steps <= seen + 2, (counts, expected_passes, seen)
 
 
 # ---------------------------------------------------------------------------------------------- failures

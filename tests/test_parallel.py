@@ -257,6 +257,7 @@ def test_serve_batches_requests_on_every_rank_like_one_process_and_cancel_stops_
                 return finals, seen
 
         finals, seen = asyncio.run(talk())
+        metrics = _step_metrics(f"http://{url}/metrics")
         os.kill(rank0, signal.SIGINT)  # stopping rank 0 stops the launch, cleanly
         assert launch.proc.wait(LAUNCH_TIMEOUT_S) == 0, launch.log()
     finally:
@@ -279,10 +280,32 @@ def test_serve_batches_requests_on_every_rank_like_one_process_and_cancel_stops_
     _, _, passes, request_steps, most_batched, _ = counts[0]
     # The requests sent together shared decoder passes, on every rank: fewer passes than their steps.
     assert most_batched >= 2 and passes < request_steps, counts
+    # Rank 0's /metrics saw the same batched steps: requests per decoder forward, summed and counted.
+    # (Each rewrite, rw and the next edit's, scores its selection in one more decoder pass, outside the batch.)
+    assert metrics == {"requests": request_steps, "forwards": passes - 2}, (metrics, counts)
     slow_steps = request_steps - expected_passes
     # The cancelled request ran on every rank until rank 0 stopped it: the steps the client saw, plus at
     # most the one running when the cancel arrived and one already under way on the model thread.
     assert seen <= slow_steps <= seen + 2, (counts, expected_passes, seen)
+
+
+def _step_metrics(url: str) -> dict[str, float]:
+    """The service's `dg_edit_step_requests` histogram: requests carried by its decoder forwards, and forwards."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    readings: list[dict[str, float]] = []
+    for _ in range(120):  # the cancelled request's step under way (0.5 s, slowed) when the cancel came ends later
+        response = httpx.get(url, timeout=30)
+        assert response.status_code == 200, response.text
+        samples = {s.name: s.value for family in text_string_to_metric_families(response.text)
+                   for s in family.samples}
+        readings.append({"requests": samples["dg_edit_step_requests_sum"],
+                         "forwards": samples["dg_edit_step_requests_count"]})
+        if len(readings) >= 8 and all(r == readings[-1] for r in readings[-8:]):  # unchanged for 1.4 s
+            return readings[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"the service's steps did not settle: {readings[-8:]}")
 
 
 # ---------------------------------------------------------------------------------------------- failures

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import itertools
 import ctypes.util
 import dataclasses
+import itertools
 import logging
 import queue
 import sys

@@ -171,8 +171,10 @@ def figures(model, args, label: str) -> dict:
                                 device, args.repeats)
         out["compiled_step_ms"] = statistics.median(c_times) / c_done.steps
         out["compiled_identical"] = c_done.ids == done.ids
+        compiled.close()
     out["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     out["weights_bytes"] = q.storage_bytes(model)[0]
+    engine.close()  # its caches go now, not when its idle scheduler thread ends: the next section counts free memory
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import dg_edit.config as corpus_module
+from dg_edit import denoise
 from dg_edit.config import Settings
 from dg_edit.engine import Engine
 from dg_edit.events import Done, Step
@@ -413,7 +414,7 @@ def test_typed_ahead_returns_the_rest_without_a_model_call(pair):
     seed, first = _answer_with_text(engine, prefix, suffix)
     typed = first.text[:2]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "_generate", lambda *a, **k: pytest.fail("the model ran"))
+        mp.setattr(denoise, "generate", lambda *a, **k: pytest.fail("the model ran"))  # the denoising loop
         events = list(engine.stream(prefix + typed, suffix, seed=seed, session="doc", max_new_tokens=8))
     assert len(events) == 1 and isinstance(events[0], Done)
     rest = events[0]

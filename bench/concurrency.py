@@ -10,14 +10,21 @@ and one of two mixes:
   multi   multi-line completions (a new line in a block, single_line false)
 
 Printed per route, mix, clients and setting: requests/s, latency p50/p95 (send to answer, client side),
-queue wait p50/p95 (the done frame's `waited_ms`: websocket only), then batching on / off ratios, and
-the targets: at 8 clients, throughput with batching >= 1.3x batching off and p95 no worse; beside
-Tabby's published load-test limits (median 1.8 s, p95 3 s per request).
+queue wait p50/p95 (the done frame's `waited_ms`: websocket only), the service's CPU time per request
+(every thread of its process, from /proc: Linux only), then batching on / off ratios, and the targets:
+at 8 clients, throughput with batching >= 1.3x batching off and p95 no worse; beside Tabby's published
+load-test limits (median 1.8 s, p95 3 s per request).
 
-    OMP_NUM_THREADS=1 python bench/concurrency.py [--model DIR] [--clients 1 2 4 8 16] [--requests 16]
+    OMP_NUM_THREADS=1 python bench/concurrency.py [--model DIR] [--clients 1 2 4 8 16] [--requests 48]
         [--routes http ws] [--mixes single multi]
 
-The machine this runs on may be shared: absolute times move with its load, the same-run ratios much less.
+The machine this runs on may be shared: absolute times move with its load, the same-run ratios less,
+and the CPU time per request least (other processes' load delays a step, it does not add CPU to it). So
+beside throughput on/off the script prints CPU per request off/on: what batching saves the service.
+Each service first runs one phase of every route and mix at the most clients: the first batched steps
+of a process took 0.7-1.4 s here against 0.3-0.5 s later (one-off costs of new shapes and a growing
+heap), which would otherwise land in whichever measured phase batches first. Phases of 48 requests: at
+8 clients, 16 (two requests per client, about a second) left the ratio to the ramp and to the noise.
 """
 
 from __future__ import annotations
@@ -103,9 +110,19 @@ async def ws_client(url: str, mix: str, client_no: int, requests: int) -> list[S
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 async def phase(service: ServeProcess, route: str, mix: str, clients: int, total: int) -> dict:
     """`clients` closed-loop clients sharing `total` requests; their figures."""
     per_client = max(1, -(-total // clients))
+    cpu0 = cpu_seconds(service.proc.pid)
     t0 = time.perf_counter()
     if route == "http":
         runs = [http_client(service.url, mix, i, per_client) for i in range(clients)]
@@ -113,10 +130,12 @@ async def phase(service: ServeProcess, route: str, mix: str, clients: int, total
         runs = [ws_client(service.ws_url, mix, i, per_client) for i in range(clients)]
     samples = [s for client in await asyncio.gather(*runs) for s in client]
     wall = time.perf_counter() - t0
+    cpu1 = cpu_seconds(service.proc.pid)
     latencies = sorted(s.latency_s for s in samples)
     waits = sorted(s.waited_s for s in samples if s.waited_s is not None)
     return {"requests": len(samples), "rps": len(samples) / wall, "p50": pct(latencies, 50), "p95": pct(latencies, 95),
-            "wait_p50": pct(waits, 50) if waits else None, "wait_p95": pct(waits, 95) if waits else None}
+            "wait_p50": pct(waits, 50) if waits else None, "wait_p95": pct(waits, 95) if waits else None,
+            "cpu": (cpu1 - cpu0) / len(samples) if cpu0 is not None and cpu1 is not None else None}
 
 
 def pct(values: list[float], p: int) -> float:
@@ -148,11 +167,14 @@ async def run(args) -> int:
     services = {True: start(args.model, True, directory), False: start(args.model, False, directory)}
     results: dict[tuple, dict] = {}
     try:
-        for service in services.values():  # warm-up: torch's first-call costs
-            await phase(service, "ws", "single", 1, 2)
+        warmup = max(args.clients)
+        for service in services.values():  # warm-up: torch's first-call costs, batched shapes included
+            for route in args.routes:
+                for mix in args.mixes:
+                    await phase(service, route, mix, warmup, warmup)
         print(f"load average before: {load()}")
         print(f"{'route':5} {'mix':6} {'clients':>7} {'batching':8} {'req/s':>7} {'p50':>7} {'p95':>7} "
-              f"{'wait p50':>8} {'wait p95':>8}")
+              f"{'wait p50':>8} {'wait p95':>8} {'cpu/req':>8}")
         for route in args.routes:
             for mix in args.mixes:
                 for clients in args.clients:
@@ -160,21 +182,23 @@ async def run(args) -> int:
                         r = await phase(services[batching], route, mix, clients, max(args.requests, clients))
                         results[(route, mix, clients, batching)] = r
                         print(f"{route:5} {mix:6} {clients:7d} {'on' if batching else 'off':8} {r['rps']:7.2f} "
-                              f"{fmt(r['p50']):>7} {fmt(r['p95']):>7} {fmt(r['wait_p50']):>8} {fmt(r['wait_p95']):>8}",
+                              f"{fmt(r['p50']):>7} {fmt(r['p95']):>7} {fmt(r['wait_p50']):>8} {fmt(r['wait_p95']):>8} "
+                              f"{fmt(None if r['cpu'] is None else r['cpu'] * 1000, 'ms'):>8}",
                               flush=True)
         print(f"load average after: {load()}")
     finally:
         for service in services.values():
             service.stop()
     print("\nbatching on / off (same run):")
-    print(f"{'route':5} {'mix':6} {'clients':>7} {'throughput':>10} {'p50':>6} {'p95':>6}")
+    print(f"{'route':5} {'mix':6} {'clients':>7} {'throughput':>10} {'p50':>6} {'p95':>6} {'cpu/req off/on':>14}")
     verdicts = []
     for route in args.routes:
         for mix in args.mixes:
             for clients in args.clients:
                 on, off = results[(route, mix, clients, True)], results[(route, mix, clients, False)]
                 ratio, p50, p95 = on["rps"] / off["rps"], on["p50"] / off["p50"], on["p95"] / off["p95"]
-                print(f"{route:5} {mix:6} {clients:7d} {ratio:9.2f}x {p50:5.2f}x {p95:5.2f}x")
+                cpu = f"{off['cpu'] / on['cpu']:13.2f}x" if on["cpu"] and off["cpu"] else f"{'-':>14}"
+                print(f"{route:5} {mix:6} {clients:7d} {ratio:9.2f}x {p50:5.2f}x {p95:5.2f}x {cpu}")
                 if clients == TARGET_CLIENTS:
                     ok = ratio >= TARGET_RATIO and on["p95"] <= off["p95"]
                     verdicts.append(ok)
@@ -188,7 +212,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=16, help="requests per phase (at least one per client)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per phase (at least one per client)")
     parser.add_argument("--routes", nargs="+", choices=("http", "ws"), default=["http", "ws"])
     parser.add_argument("--mixes", nargs="+", choices=tuple(MIXES), default=list(MIXES))
     args = parser.parse_args()

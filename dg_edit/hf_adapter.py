@@ -365,6 +365,14 @@ def decoder_hidden(model, cache, canvas: torch.Tensor,  # [B, L]
 
 # ------------------------------------------------------------------ several requests in one decoder forward
 _MEMBERS_ATTR = "_dg_edit_members"  # on a stacked cache: ((member cache, first row, end row), ...)
+# On a CPU, the most bytes of one [rows, width, V] float32 buffer of a batched decoder forward (its
+# self-conditioning input, that input's softmax): a batch over it runs in consecutive row groups under
+# it. Why: glibc serves blocks over its largest mmap threshold (32 MiB on 64-bit) with fresh mappings,
+# which every step page-faults in and unmaps again. 16 multi-line requests in one forward (48 rows of
+# 62 slots, 97 MB) took 72,000 page faults and 125 ms of kernel time a step (of 775 ms); in row groups
+# of 24 MB, 3,000 and 4 ms, at the same user time (the forward is bound by its vocabulary-wide compute,
+# which a group split does not add to). GPUs keep one group: their caching allocator reuses blocks.
+CPU_GROUP_BYTES = 32 << 20
 
 
 class CannotBatch(ValueError):
@@ -400,7 +408,9 @@ class StackedBatch:
     masks: dict  # layer pattern -> the decoder's mask in the installed attention implementation's format
     rows: tuple[int, ...]
     widths: tuple[int, ...]
-    position_ids: torch.Tensor  # [B, L_max]
+    position_ids: torch.Tensor | None  # [B, L_max]; None when the batch runs in groups
+    # (first part, end part, that group's own stack), consecutive: a batch over `CPU_GROUP_BYTES` on a CPU
+    groups: tuple[tuple[int, int, "StackedBatch"], ...] = ()
 
     def fits(self, parts: list[BatchPart]) -> bool:
         return _batch_key(parts) == self.key
@@ -415,7 +425,36 @@ def stack_batch(model, parts: list[BatchPart]) -> StackedBatch:
     """Pad every part's encoder cache to the longest (per layer pattern: sliding layers hold fewer states)
     and stack them along the batch; build the decoder masks that keep each row on its own prefix and on
     its own canvas's real positions. Raises `CannotBatch` when the installed attention implementation
-    takes no explicit mask (padding would then be attended)."""
+    takes no explicit mask (padding would then be attended). On a CPU, a batch whose vocabulary-wide
+    buffers would pass `CPU_GROUP_BYTES` is stacked as consecutive groups that each stay under it."""
+    bounds = _row_groups(model, parts)
+    if len(bounds) == 1:
+        return _stack(model, parts)
+    groups = tuple((i, j, _stack(model, parts[i:j])) for i, j in bounds)
+    return StackedBatch(_batch_key(parts), tuple((p.cache, p.attention_mask) for p in parts), None, {},
+                        tuple(p.canvas.shape[0] for p in parts), tuple(p.canvas.shape[1] for p in parts), None,
+                        groups)
+
+
+def _row_groups(model, parts: list[BatchPart]) -> list[tuple[int, int]]:
+    """(first part, end part) of consecutive groups whose [rows, width, V] float32 buffer stays within
+    `CPU_GROUP_BYTES` (a part larger than that is a group of its own); one group off the CPU."""
+    if model.device.type != "cpu":
+        return [(0, len(parts))]
+    row_bytes = text_config(model).vocab_size * 4  # one canvas slot's float32 logits
+    bounds, start, rows, width = [], 0, 0, 0
+    for i, p in enumerate(parts):
+        b, w = p.canvas.shape
+        if i > start and (rows + b) * max(width, w) * row_bytes > CPU_GROUP_BYTES:
+            bounds.append((start, i))
+            start, rows, width = i, 0, 0
+        rows, width = rows + b, max(width, w)
+    bounds.append((start, len(parts)))
+    return bounds
+
+
+def _stack(model, parts: list[BatchPart]) -> StackedBatch:
+    """`stack_batch` for one group: one stacked cache, one set of masks."""
     config = model.config
     m = api().masking_utils
     implementation = config._attn_implementation
@@ -484,8 +523,11 @@ def batch_members(cache) -> tuple:
 def batched_decoder_forward(model, batch: StackedBatch, parts: list[BatchPart]) -> list[torch.Tensor]:
     """One decoder pass over every part's canvas; returns each part's logits [b, L, V] (float32).
 
-    Rows without self-conditioning logits yet (their first step) get a zeroed signal, as alone.
+    Rows without self-conditioning logits yet (their first step) get a zeroed signal, as alone. A batch
+    stacked in groups (`CPU_GROUP_BYTES`) runs one decoder pass per group.
     """
+    if batch.groups:
+        return [logits for i, j, group in batch.groups for logits in batched_decoder_forward(model, group, parts[i:j])]
     device = model.device
     b_total, width = batch.position_ids.shape
     canvas = torch.zeros((b_total, width), dtype=parts[0].canvas.dtype, device=device)

@@ -99,6 +99,34 @@ def test_concurrent_requests_get_the_answers_they_get_alone_in_shared_forwards()
     assert len(recorder.waits) == len(batched)
 
 
+def test_a_batch_over_the_cpu_group_limit_runs_in_row_groups_with_the_same_answers(monkeypatch):
+    """On a CPU a batch whose [rows, width, V] buffers would pass `hf.CPU_GROUP_BYTES` runs as consecutive
+    row groups, one decoder pass each (fresh mmaps of bigger buffers page-fault every step): each request
+    still gets the answer it gets alone, and steps really ran in groups."""
+    model, tok = exact_pair()
+    engine = Engine(model, tok, settings=Settings(typed_ahead=False, idle_prefill=False))
+    alone = [call() for call in mixes(engine)]
+    vocab = hf.text_config(model).vocab_size
+    monkeypatch.setattr(hf, "CPU_GROUP_BYTES", 2 * 16 * vocab * 4)  # two rows of a 16-slot canvas a group
+    stack, stacked = hf.stack_batch, []
+
+    def recording(model, parts):
+        batch = stack(model, parts)
+        stacked.append(batch)
+        return batch
+
+    monkeypatch.setattr(hf, "stack_batch", recording)
+    batched = together(mixes(engine))
+    assert any(len(batch.groups) >= 2 for batch in stacked), [len(batch.groups) for batch in stacked]
+    for batch in stacked:  # groups are consecutive and cover every part
+        if batch.groups:
+            assert [g[0] for g in batch.groups][0] == 0 and batch.groups[-1][1] == len(batch.rows)
+            assert all(a[1] == b[0] for a, b in zip(batch.groups, batch.groups[1:]))
+    for a, b in zip(alone, batched):
+        assert isinstance(b, Done), b
+        assert (b.text, b.ids, b.steps, b.length) == (a.text, a.ids, a.steps, a.length)
+
+
 def test_in_float32_batching_changes_logits_by_rounding_only(monkeypatch):
     """In float32 a different batch shape rounds differently (matmul blocking): measured here against each
     request's forward alone, at every batched step. On a random tiny model every token's entropy is nearly

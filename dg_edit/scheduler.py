@@ -97,6 +97,7 @@ class StepOutcome:
 _LOG = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 IDLE_EXIT_S = 60.0  # an idle scheduler's thread ends after this long; the next request starts another
+REST_AFTER_S = 1.0  # the heap goes back to the system after this long without a request (a pause, not a gap)
 GATHER_S = 0.01  # longest a step waits for a consumer that has not yet asked for its request's next step
 RequestSteps = Generator[Any, Any, None]
 
@@ -259,7 +260,9 @@ class Scheduler:
                     if plan.admitted or plan.cancelled or any(self._runnable(t) for t in self._active):
                         break
                     if not self._active and not self._waiting and self._ran:
-                        self._idle()
+                        if not self._cond.wait(REST_AFTER_S):
+                            self._rest()
+                        continue
                     if not self._cond.wait(IDLE_EXIT_S) and not self._active and not self._waiting:
                         self._thread = None  # idle: the thread ends (an engine replaced by another leaves none)
                         return
@@ -290,10 +293,11 @@ class Scheduler:
             ticket.events.put(_Failed(error))
             ticket.events.put(_END)
 
-    def _idle(self) -> None:
-        """Nothing to run: drop the last batch's stacked caches, and on a CPU give the heap that a burst of
-        batched steps left free back to the system (glibc keeps freed mid-size blocks otherwise, and a
-        server's resident memory would stay at its busiest)."""
+    def _rest(self) -> None:
+        """A pause: on a CPU give the heap that a burst of batched steps left free back to the system (glibc
+        keeps freed mid-size blocks otherwise, and a server's resident memory would stay at its busiest).
+        Not between two requests of one client: the next one would page-fault it all back in (6-7 ms of
+        kernel time per single-line request after a burst, measured with bench/concurrency.py at 1 client)."""
         self._stacked = None
         self._ran = False
         if self.engine.model.device.type == "cpu" and _LIBC is not None:
@@ -494,8 +498,12 @@ class Scheduler:
             if ticket in self._active:
                 self._active.remove(ticket)
             self._tickets.pop(ticket.id, None)
-            if not self._active and not self._waiting and self._ran:
-                self._idle()  # before the last answer goes out: the service is at rest when its client hears
+            if not self._active and not self._waiting:
+                # Before the last answer goes out: the batch's stacked caches are not held while idle. A
+                # following rank has no loop to wait for a pause in: it rests now.
+                self._stacked = None
+                if self._ran and self._lockstep and self._run_step is None:
+                    self._rest()
             self._cond.notify_all()
         if last is not None:
             ticket.given += 1

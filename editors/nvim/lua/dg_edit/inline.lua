@@ -14,15 +14,12 @@ local M = {}
 local TRIGGER_INVOKED, TRIGGER_AUTOMATIC = 1, 2
 local REQUEST_CANCELLED, CONTENT_MODIFIED = -32800, -32801
 
---- Per-buffer state: the debounce timer (and whether it is due to fire), the request in flight,
---- the suggestion on screen.
---- @type table<integer, { timer?: uv.uv_timer_t, waiting?: boolean, request?: table, shown?: table }>
-local bufs = {}
-
-local function state(bufnr)
-  bufs[bufnr] = bufs[bufnr] or {}
-  return bufs[bufnr]
-end
+--- Per-buffer state: the debounce timer, the request in flight, the suggestion on screen
+--- ({ item, client, version, row, col, text }). `M.cancel` stops the timer and cancels the request
+--- (the server stops denoising); `M.pending`, `M.visible` and `M.current` read the state.
+local requests = util.buffer_requests()
+local state = requests.state
+M.cancel, M.pending, M.visible, M.current = requests.cancel, requests.pending, requests.visible, requests.current
 
 --- @type dg_edit.Config
 local config
@@ -36,41 +33,11 @@ function M.configure(cfg)
   config = cfg
 end
 
---- Stop the debounce timer and cancel the request in flight (the server stops denoising).
-function M.cancel(bufnr)
-  local s = state(bufnr)
-  if s.timer then
-    s.timer:stop()
-  end
-  s.waiting = false
-  local request = s.request
-  s.request = nil
-  if request and not request.client:is_stopped() then
-    request.client:cancel_request(request.id)
-  end
-end
-
 --- Cancel and clear the ghost text.
 function M.dismiss(bufnr)
   M.cancel(bufnr)
   state(bufnr).shown = nil
   ghost.clear(bufnr)
-end
-
---- Whether a suggestion is on screen in `bufnr`.
-function M.visible(bufnr)
-  return state(bufnr).shown ~= nil
-end
-
---- Whether a request (or its debounce timer) is in flight for `bufnr`.
-function M.pending(bufnr)
-  local s = state(bufnr)
-  return s.request ~= nil or s.waiting == true
-end
-
---- The suggestion on screen: { item, client, version, row, col, text } or nil (for tests and statusline).
-function M.current(bufnr)
-  return state(bufnr).shown
 end
 
 --- The text the ghost must show for `item` at the cursor: the inserted text after what the

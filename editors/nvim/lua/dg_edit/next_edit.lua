@@ -17,14 +17,12 @@ M.ns = vim.api.nvim_create_namespace("dg_edit_next_edit")
 local REQUEST_CANCELLED, CONTENT_MODIFIED = -32800, -32801
 local FALLBACK_DEBOUNCE_MS = 500
 
---- Per-buffer state: the quiet timer (and whether it is due), the request in flight, the suggestion.
---- @type table<integer, { timer?: uv.uv_timer_t, waiting?: boolean, request?: table, shown?: table }>
-local bufs = {}
-
-local function state(bufnr)
-  bufs[bufnr] = bufs[bufnr] or {}
-  return bufs[bufnr]
-end
+--- Per-buffer state: the quiet timer, the request in flight, the suggestion on screen
+--- ({ edit, client, version, start = {row, col}, finish = {row, col} }). `M.cancel` stops the timer and
+--- cancels the request; `M.pending`, `M.visible` and `M.current` read the state.
+local requests = util.buffer_requests()
+local state = requests.state
+M.cancel, M.pending, M.visible, M.current = requests.cancel, requests.pending, requests.visible, requests.current
 
 --- @type dg_edit.Config
 local config
@@ -34,20 +32,6 @@ function M.configure(cfg)
   config = cfg
 end
 
---- Stop the quiet timer and cancel the request in flight.
-function M.cancel(bufnr)
-  local s = state(bufnr)
-  if s.timer then
-    s.timer:stop()
-  end
-  s.waiting = false
-  local request = s.request
-  s.request = nil
-  if request and not request.client:is_stopped() then
-    request.client:cancel_request(request.id)
-  end
-end
-
 --- Cancel, and clear the suggestion from the screen.
 function M.dismiss(bufnr)
   M.cancel(bufnr)
@@ -55,21 +39,6 @@ function M.dismiss(bufnr)
   if vim.api.nvim_buf_is_valid(bufnr) then
     vim.api.nvim_buf_clear_namespace(bufnr, M.ns, 0, -1)
   end
-end
-
---- The suggestion on screen: { edit, client, version, start = {row, col}, finish = {row, col} } or nil.
-function M.current(bufnr)
-  return state(bufnr).shown
-end
-
-function M.visible(bufnr)
-  return state(bufnr).shown ~= nil
-end
-
---- Whether a request (or its quiet timer) is in flight for `bufnr`.
-function M.pending(bufnr)
-  local s = state(bufnr)
-  return s.request ~= nil or s.waiting == true
 end
 
 --- Byte positions {row, col} (0-based) of an LSP range in `bufnr`.

@@ -54,4 +54,50 @@ function M.attached_buf(client, uri)
   return nil
 end
 
+--- Per-buffer request state, one table per feature (inline completion, next edit): a debounce timer
+--- (and whether it is due to fire), the request in flight, the suggestion on screen.
+--- @return { state: fun(bufnr: integer): table, cancel: fun(bufnr: integer), pending: fun(bufnr: integer): boolean, visible: fun(bufnr: integer): boolean, current: fun(bufnr: integer): table? }
+function M.buffer_requests()
+  --- @type table<integer, { timer?: uv.uv_timer_t, waiting?: boolean, request?: table, shown?: table }>
+  local bufs = {}
+  local R = {}
+
+  function R.state(bufnr)
+    bufs[bufnr] = bufs[bufnr] or {}
+    return bufs[bufnr]
+  end
+
+  --- Stop the timer and cancel the request in flight (the server stops denoising).
+  function R.cancel(bufnr)
+    local s = R.state(bufnr)
+    if s.timer then
+      s.timer:stop()
+    end
+    s.waiting = false
+    local request = s.request
+    s.request = nil
+    if request and not request.client:is_stopped() then
+      request.client:cancel_request(request.id)
+    end
+  end
+
+  --- Whether a request (or its timer) is in flight for `bufnr`.
+  function R.pending(bufnr)
+    local s = R.state(bufnr)
+    return s.request ~= nil or s.waiting == true
+  end
+
+  --- Whether a suggestion is on screen in `bufnr`.
+  function R.visible(bufnr)
+    return R.state(bufnr).shown ~= nil
+  end
+
+  --- The suggestion on screen, or nil (for tests and statuslines).
+  function R.current(bufnr)
+    return R.state(bufnr).shown
+  end
+
+  return R
+end
+
 return M

@@ -136,14 +136,8 @@ class Prefiller:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending or being prefilled (tests, benchmarks); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._current is not None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not self._pending and self._current is None, timeout)
 
     def info(self) -> dict:
         with self._cond:

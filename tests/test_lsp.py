@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -639,8 +640,9 @@ async def test_broken_model_is_an_error_not_a_crash(tmp_path, tiny_model_dir):
         await h.stop()
 
 
-async def test_model_failure_is_logged_and_answered(tmp_path, tiny_model_dir):
-    """A model that fails mid-request (a token id past its embedding table): error + log, server lives on."""
+def boom_model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A copy of the tiny model whose tokenizer maps "BOOM" to a token id past the embedding table: the
+    model fails mid-request on any text that contains it."""
     import json
 
     broken = tmp_path / "fails-on-boom"
@@ -651,6 +653,12 @@ async def test_model_failure_is_logged_and_answered(tmp_path, tiny_model_dir):
     tok["added_tokens"].append({"id": 100000, "content": "BOOM", "single_word": False, "lstrip": False,
                                 "rstrip": False, "normalized": False, "special": False})
     (broken / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    return broken
+
+
+async def test_model_failure_is_logged_and_answered(tmp_path, tiny_model_dir):
+    """A model that fails mid-request (a token id past its embedding table): error + log, server lives on."""
+    broken = boom_model_dir(tmp_path, tiny_model_dir)
     h = Harness()
     await h.start("--model", str(broken))
     try:

@@ -9,7 +9,6 @@ and the inline-completion item with a range. The model's text is never judged.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
@@ -19,7 +18,7 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
 from dg_edit.testing import plain
-from test_lsp import PY_DOC, Harness, apply_utf16, started, wait_for
+from test_lsp import Harness, apply_utf16, boom_model_dir, started, wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="module")]
 
@@ -213,14 +212,7 @@ async def test_an_edit_covering_the_cursor_is_also_an_inline_completion_item(lsp
 
 async def test_model_failure_is_an_error_and_never_an_edit(tmp_path, tiny_model_dir):
     """A model that fails mid-request (a token id past its embedding table): an LSP error, no applyEdit."""
-    broken = tmp_path / "fails-on-boom"
-    broken.mkdir()
-    for f in tiny_model_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    tok = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))
-    tok["added_tokens"].append({"id": 100000, "content": "BOOM", "single_word": False, "lstrip": False,
-                                "rstrip": False, "normalized": False, "special": False})
-    (broken / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    broken = boom_model_dir(tmp_path, tiny_model_dir)
     h = Harness()
     await h.start("--model", str(broken), options={"idle_prefill": False})
     try:

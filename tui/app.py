@@ -60,6 +60,22 @@ def language_for(path: Path) -> str | None:
     return name if importlib.util.find_spec(f"tree_sitter_{name}") is not None else None
 
 
+def _consume(make_events: Callable[[], Iterator[Step | Done]], on_event: Callable[[Step | Done], None]) -> None:
+    """Run an engine stream in the current worker thread, handing each event to `on_event`, until it ends
+    or the worker is cancelled (within one step); the stream is closed either way, so the engine stops."""
+    worker = get_current_worker()
+    events = make_events()
+    try:
+        for event in events:
+            if worker.is_cancelled:
+                break
+            on_event(event)
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
 class ModelEvent(Message):
     """A `Step` or `Done` of request `request_id`, posted from the model worker."""
 
@@ -348,21 +364,14 @@ class DgEditApp(App[int]):
     def run_next_edit(self, version: int, text: str, make_events: Callable[[], Iterator[Step | Done]],
                       asked: bool) -> None:
         """The engine's next-edit stream off the UI thread; only its `Done` matters to the panel."""
-        worker = get_current_worker()
-        events = None
+        def on_event(event: Step | Done) -> None:
+            if isinstance(event, Done):
+                self.post_message(NextEditDone(version, text, event, asked))
+
         try:
-            events = make_events()
-            for event in events:
-                if worker.is_cancelled:
-                    break
-                if isinstance(event, Done):
-                    self.post_message(NextEditDone(version, text, event, asked))
+            _consume(make_events, on_event)
         except Exception as e:  # shown on the status line; the buffer is never touched
             self.post_message(NextEditFailed(version, str(e) or type(e).__name__))
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
 
     def on_next_edit_done(self, message: NextEditDone) -> None:
         if message.version != self._text_version or self.editor.proposal is not None:
@@ -555,24 +564,17 @@ class DgEditApp(App[int]):
     @work(thread=True, exclusive=True, group="model", exit_on_error=False)
     def run_model(self, request_id: int, make_events: Callable[[], Iterator[Step | Done]]) -> None:
         """Iterate the engine's stream off the UI thread; stop within one step once cancelled."""
-        worker = get_current_worker()
-        events = None
+        def on_event(event: Step | Done) -> None:
+            if isinstance(event, Step):
+                if self._steps.put(request_id, event):
+                    self.post_message(StepReady())
+            else:
+                self.post_message(ModelEvent(request_id, event))
+
         try:
-            events = make_events()
-            for event in events:
-                if worker.is_cancelled:
-                    break
-                if isinstance(event, Step):
-                    if self._steps.put(request_id, event):
-                        self.post_message(StepReady())
-                else:
-                    self.post_message(ModelEvent(request_id, event))
+            _consume(make_events, on_event)
         except Exception as e:  # the boundary between the model and the user: reported, buffer restored
             self.post_message(ModelFailed(request_id, str(e) or type(e).__name__))
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
 
     def cancel_request(self) -> None:
         """Stop the running request (if any); its late events are ignored by id."""

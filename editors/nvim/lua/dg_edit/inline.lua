@@ -124,22 +124,11 @@ end
 --- Request after `debounce_ms` of quiet (called on every keystroke in insert mode).
 function M.schedule(bufnr)
   M.dismiss(bufnr)
-  local s = state(bufnr)
-  s.timer = s.timer or vim.uv.new_timer()
-  s.waiting = true -- until the timer's callback has sent the request (or found nothing to do)
-  s.timer:start(
-    config.debounce_ms or M.server_debounce_ms or FALLBACK_DEBOUNCE_MS,
-    0,
-    vim.schedule_wrap(function()
-      if not s.waiting then
-        return -- cancelled meanwhile
-      end
-      s.waiting = false
-      if vim.api.nvim_buf_is_valid(bufnr) and vim.fn.mode():sub(1, 1) == "i" then
-        M.request(bufnr, false)
-      end
-    end)
-  )
+  requests.debounce(bufnr, config.debounce_ms or M.server_debounce_ms or FALLBACK_DEBOUNCE_MS, function()
+    if vim.fn.mode():sub(1, 1) == "i" then
+      M.request(bufnr, false)
+    end
+  end)
 end
 
 --- Insert the suggestion on screen. Returns false when there is none (the key falls through).

@@ -133,22 +133,11 @@ function M.schedule(bufnr)
   if not config.next_edit then
     return
   end
-  local s = state(bufnr)
-  s.timer = s.timer or vim.uv.new_timer()
-  s.waiting = true
-  s.timer:start(
-    config.next_edit_debounce_ms or FALLBACK_DEBOUNCE_MS,
-    0,
-    vim.schedule_wrap(function()
-      if not s.waiting then
-        return
-      end
-      s.waiting = false
-      if vim.api.nvim_buf_is_valid(bufnr) and vim.fn.mode() == "n" then
-        M.request(bufnr)
-      end
-    end)
-  )
+  requests.debounce(bufnr, config.next_edit_debounce_ms or FALLBACK_DEBOUNCE_MS, function()
+    if vim.fn.mode() == "n" then
+      M.request(bufnr)
+    end
+  end)
 end
 
 --- Move the cursor to the start of the suggested edit. False when none is shown.

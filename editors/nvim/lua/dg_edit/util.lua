@@ -81,6 +81,27 @@ function M.buffer_requests()
     end
   end
 
+  --- Call `fire()` once `bufnr` has been quiet for `ms` (a new call restarts the wait; `cancel` stops
+  --- it), on the main loop, while the buffer is still valid.
+  function R.debounce(bufnr, ms, fire)
+    local s = R.state(bufnr)
+    s.timer = s.timer or vim.uv.new_timer()
+    s.waiting = true -- until the timer's callback has sent the request (or found nothing to do)
+    s.timer:start(
+      ms,
+      0,
+      vim.schedule_wrap(function()
+        if not s.waiting then
+          return -- cancelled meanwhile
+        end
+        s.waiting = false
+        if vim.api.nvim_buf_is_valid(bufnr) then
+          fire()
+        end
+      end)
+    )
+  end
+
   --- Whether a request (or its timer) is in flight for `bufnr`.
   function R.pending(bufnr)
     local s = R.state(bufnr)
